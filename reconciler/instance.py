@@ -1,0 +1,609 @@
+"""One reconciler instance: the configs stream in, reconciles in the middle, loops out.
+
+The flow, in the order `start` sets it up:
+
+1. The store connects and migrates the schema; the topics are created if missing.
+2. The publisher (orders, events, DLQ), the order source, the outbox relay and the
+   supervisor of loops start; reconcile workers wait on the keyed work queue.
+3. The configs stream joins the consumer group. For every record of an assigned partition
+   `handle_record` decodes it (invalid records go to the DLQ), stores the desired state by
+   the version rules and only then returns, so the offset is acknowledged after the write.
+   An applied record puts the config's id in the queue.
+4. A worker takes an id and reconciles it: read desired and actual state, `decide`, act.
+   Waiting actions (a held lease, a backoff, a slow stop) schedule the id again.
+5. Beside them: lease renewal in one batched statement, a watchdog for lease deadlines, and
+   a periodic jittered resync that queues every owned config so drift heals by itself.
+
+`stop` shuts down in the reverse order: leave the group, let the workers finish, stop
+every loop with reason `shutdown`, record their ends, send the outbox, release the leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Awaitable, Callable, TypeVar
+
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+
+from streams.config_stream import ConfigRecord, ConfigStream
+from streams.configs import Config, InvalidRecord, decode_config_record
+from streams.connection import KafkaConnection
+from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
+from streams.publisher import OutgoingRecord, Publisher
+from streams.topics import Topics, ensure_topics
+from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
+from reconciler.loop import LoopServices, Run
+from reconciler.outbox import OutboxRelay
+from reconciler.settings import Settings
+from reconciler.source import OrderSource
+from reconciler.store import Store, TaskRow
+from reconciler.supervisor import Ending, Supervisor
+from reconciler.versions import Verdict
+from reconciler.workqueue import KeyedWorkQueue, QueueShutDown
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("reconciler.instance")
+
+T = TypeVar("T")
+
+# How long a graceful stop waits for the end events to reach Kafka before releasing leases.
+EVENT_FLUSH_SECONDS = 2.0
+
+
+def kafka_connection(settings: Settings) -> KafkaConnection:
+    return KafkaConnection(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password,
+        ssl_cafile=settings.kafka_ssl_cafile,
+    )
+
+
+def backoff_delay(attempt: int, *, initial: float, cap: float) -> float:
+    """Delay before the run after failed attempt `attempt` (1, 2, …): doubling, jittered.
+
+    The jitter only ever adds (up to a quarter), so each delay is longer than the one
+    before until the cap.
+    """
+    base = initial * 2 ** min(attempt - 1, 60)
+    return min(cap, base * random.uniform(1.0, 1.25))
+
+
+class Instance:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self.boot_id = uuid.uuid4().hex
+        self.topics = Topics(settings.topic_prefix)
+        self.queue = KeyedWorkQueue()
+        self.assigned: set[int] = set()
+        self.store: Store | None = None
+        self.publisher: Publisher | None = None
+        self.source: OrderSource | None = None
+        self.relay: OutboxRelay | None = None
+        self.supervisor: Supervisor | None = None
+        self.stream: ConfigStream | None = None
+        self.joined = asyncio.Event()
+        self._background: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task] = []
+        self._stopping = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        connection = kafka_connection(settings)
+        self.store = await Store.connect(
+            settings.database_url,
+            instance_id=self.instance_id,
+            boot_id=self.boot_id,
+            pool_size=settings.db_pool_size,
+            timeout=settings.db_timeout_seconds,
+        )
+        await self.store.migrate()
+        await ensure_topics(connection, self.topics, config_partitions=settings.config_partitions)
+
+        self.publisher = Publisher(connection)
+        await self.publisher.start()
+        self.source = OrderSource(secrets_dir=settings.secrets_dir)
+        await self.source.start()
+        self.relay = OutboxRelay(
+            store=self.store, publisher=self.publisher, topic=self.topics.task_events
+        )
+        self.supervisor = Supervisor(
+            services=LoopServices(
+                source=self.source,
+                publisher=self.publisher,
+                store=self.store,
+                orders_topic=self.topics.orders,
+            ),
+            store=self.store,
+            on_run_ended=self.queue.add,
+            lease_seconds=settings.lease_seconds,
+            lease_margin_seconds=settings.lease_margin_seconds,
+            stop_timeout=settings.stop_timeout_seconds,
+        )
+        self._background = [
+            asyncio.create_task(self.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self._renew_leases_forever(), name="lease-renewal"),
+            asyncio.create_task(self._watch_deadlines_forever(), name="lease-watchdog"),
+            asyncio.create_task(self._resync_forever(), name="resync"),
+        ]
+        self._workers = [
+            asyncio.create_task(self._work_forever(), name=f"reconcile-worker-{n}")
+            for n in range(settings.reconcile_workers)
+        ]
+        self.stream = ConfigStream(
+            connection=connection,
+            topic=self.topics.configs,
+            group_id=settings.group_id,
+            handle_record=self.handle_record,
+            on_assigned=self._partitions_assigned,
+            on_revoked=self._partitions_revoked,
+            session_timeout=settings.kafka_session_timeout_seconds,
+            heartbeat_interval=settings.kafka_heartbeat_seconds,
+        )
+        await self.stream.start()
+        log.info("instance started", extra={"instance_id": self.instance_id})
+
+    async def stop(self) -> None:
+        """Graceful shutdown: every local run ends with `shutdown` and releases its lease."""
+        self._stopping = True
+        if self.stream is not None:
+            await _bounded(self.stream.stop(), 15.0, "leaving the consumer group")
+        self.queue.shut_down()
+        if self._workers:
+            await asyncio.wait(self._workers, timeout=self.settings.stop_timeout_seconds)
+            for worker in self._workers:
+                worker.cancel()
+        if self.supervisor is not None:
+            await self.supervisor.cancel_all(reason="shutdown")
+            for config_id in list(self.supervisor.runs):
+                run = self.supervisor.runs[config_id]
+                if run.task.done():
+                    await _bounded(self._finish_run(run), 10.0, f"recording the end of {config_id}")
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.relay is not None:
+            await self.relay.flush(timeout=5.0)
+        if self.source is not None:
+            await self.source.close()
+        if self.publisher is not None:
+            await _bounded(self.publisher.stop(), 10.0, "stopping the producer")
+        if self.store is not None:
+            await _bounded(self.store.close(), 10.0, "closing the database pool")
+        log.info("instance stopped", extra={"instance_id": self.instance_id})
+
+    # ---- the configs stream --------------------------------------------------------------
+
+    async def handle_record(self, record: ConfigRecord) -> None:
+        """Store one config record's effect durably; return only when that is done."""
+        try:
+            decoded = decode_config_record(
+                record.key, record.value, max_record_bytes=self.settings.max_record_bytes
+            )
+        except InvalidRecord as invalid:
+            await self._dead_letter(record, invalid.reason)
+            return
+
+        assert self.store is not None
+        written = await self._retry_database(
+            lambda: self.store.write_desired(
+                decoded,
+                partition=record.partition,
+                offset=record.offset,
+                record_time=record.timestamp,
+            ),
+            what=f"storing the desired state of {decoded.id}",
+        )
+        verdict = written.judgement.verdict
+        if verdict is Verdict.REJECT:
+            await self._dead_letter(record, f"{decoded.id}: {written.judgement.why}")
+        elif verdict is Verdict.IGNORE:
+            log.info(
+                "record ignored: %s",
+                written.judgement.why,
+                extra={"config_id": decoded.id, "partition": record.partition,
+                       "offset": record.offset},
+            )
+        else:
+            self.queue.add(decoded.id)
+
+    async def _dead_letter(self, record: ConfigRecord, reason: str) -> None:
+        assert self.publisher is not None
+        log.warning(
+            "record sent to the DLQ: %s",
+            reason,
+            extra={"partition": record.partition, "offset": record.offset},
+        )
+        headers = [(k, v) for k, v in record.headers if k not in _DLQ_HEADERS]
+        headers += [
+            ("error", reason.encode()),
+            ("source-topic", self.topics.configs.encode()),
+            ("source-partition", str(record.partition).encode()),
+            ("source-offset", str(record.offset).encode()),
+        ]
+        await self._retry_kafka(
+            lambda: self.publisher.send(
+                self.topics.dlq, OutgoingRecord(key=record.key, value=record.value, headers=headers)
+            ),
+            what="sending a record to the DLQ",
+        )
+
+    async def _partitions_assigned(self, partitions: set[int]) -> None:
+        if self._stopping:
+            return  # leaving the group: the shutdown stops every run with `shutdown`
+        lost = self.assigned - partitions
+        gained = partitions - self.assigned
+        self.assigned = set(partitions)
+        self.joined.set()
+        log.info("partitions assigned: %s (gained %s, lost %s)", sorted(partitions),
+                 sorted(gained), sorted(lost))
+        # Reconcile what moved: runs of lost partitions stop (`reassigned`), configs of
+        # gained partitions start. A first assignment also picks up this instance's own
+        # leftovers (rows still naming it).
+        assert self.store is not None and self.supervisor is not None
+        for config_id, run in list(self.supervisor.runs.items()):
+            if run.source_partition in lost:
+                self.queue.add(config_id)
+        if gained:
+            ids = await self._retry_database(
+                lambda: self.store.config_ids(partitions=sorted(gained), held_by_me=True),
+                what="listing the configs of gained partitions",
+            )
+            for config_id in ids:
+                self.queue.add(config_id)
+
+    async def _partitions_revoked(self, partitions: set[int]) -> None:
+        # Eager rebalancing revokes everything at each membership change; runs keep going
+        # until the new assignment says which partitions were really lost.
+        log.info("partitions revoked: %s", sorted(partitions))
+
+    # ---- reconcile -----------------------------------------------------------------------
+
+    async def _work_forever(self) -> None:
+        while True:
+            try:
+                config_id = await self.queue.get()
+            except QueueShutDown:
+                return
+            try:
+                await self.reconcile(config_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                delay = 1.0 + random.random()
+                log.warning(
+                    "reconcile failed (%s); retrying in %.1f s",
+                    " ".join(str(error).split()) or type(error).__name__,
+                    delay,
+                    extra={"config_id": config_id},
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                self.queue.add_after(config_id, delay)
+            finally:
+                self.queue.done(config_id)
+
+    async def reconcile(self, config_id: str) -> None:
+        assert self.store is not None and self.supervisor is not None
+        with tracer.start_as_current_span("reconcile", attributes={"config_id": config_id}):
+            local = self.supervisor.runs.get(config_id)
+            if local is not None and local.task.done():
+                await self._finish_run(local)
+                local = None
+
+            row = await self.store.read(config_id)
+            decision = decide(
+                desired=self._desired(row),
+                local=self._local(local, row),
+                recorded=self._recorded(row, local),
+            )
+            await self._act(config_id, decision, row)
+
+    def _desired(self, row: TaskRow | None) -> Desired | None:
+        if row is None:
+            return None
+        assigned = row.source_partition in self.assigned
+        return Desired(
+            enabled=row.enabled,
+            deleted=row.deleted,
+            assigned=assigned,
+            content_key=_content_key(row),
+        )
+
+    @staticmethod
+    def _local(local: Run | None, row: TaskRow | None) -> LocalRun | None:
+        if local is None:
+            return None
+        return LocalRun(
+            content_key=_content_key_of_config(local.config),
+            ending=local.stop_reason is not None,
+        )
+
+    @staticmethod
+    def _recorded(row: TaskRow | None, local: Run | None) -> RecordedRun:
+        if row is None:
+            return RecordedRun(foreign_active=False, lease_remaining=0.0, backoff_remaining=0.0)
+        foreign = row.run_active and (local is None or row.run_id != local.run_id)
+        return RecordedRun(
+            foreign_active=foreign,
+            lease_remaining=row.lease_remaining or 0.0,
+            backoff_remaining=row.backoff_remaining,
+        )
+
+    async def _act(self, config_id: str, decision: Decision, row: TaskRow | None) -> None:
+        assert self.supervisor is not None
+        action = decision.action
+        if action is Action.NOTHING or action is Action.WAIT_FOR_STOP:
+            return
+        if action in (Action.WAIT_FOR_LEASE, Action.WAIT_FOR_BACKOFF):
+            self.queue.add_after(config_id, decision.retry_after or 0.0)
+            return
+        if action is Action.END_EXPIRED:
+            await self._end_expired(config_id)
+            self.queue.add(config_id)
+            return
+        if action in (Action.STOP, Action.RESTART):
+            await self._stop(config_id, reason=decision.reason)
+            if action is Action.RESTART:
+                self.queue.add(config_id)
+            return
+        if action is Action.START:
+            await self._start(config_id, partition=row.source_partition if row else None)
+
+    async def _start(self, config_id: str, *, partition: int | None) -> None:
+        assert self.store is not None and self.supervisor is not None
+        run_id = uuid.uuid4().hex
+        taken_at = time.monotonic()
+
+        def started(fence: int) -> dict:
+            return self._event(EVENT_STARTED, config_id, run_id=run_id, fence=fence)
+
+        with tracer.start_as_current_span(
+            "start", attributes={"config_id": config_id, "run_id": run_id}
+        ):
+            lease = await self.store.take_lease(
+                config_id,
+                run_id=run_id,
+                lease_seconds=self.settings.lease_seconds,
+                started_event=lambda fence: started(fence),
+            )
+        if lease is None:
+            # The row changed since it was read (a lease holder appeared, or it was
+            # disabled); look again once that lease can have expired.
+            self.queue.add_after(config_id, self.settings.lease_seconds)
+            return
+        run = self.supervisor.start(lease, lease_taken_at=taken_at)
+        run.source_partition = partition
+        self.relay.wake()
+        log.info(
+            "run started",
+            extra={"config_id": config_id, "run_id": run_id, "fence": lease.fence,
+                   "instance_id": self.instance_id},
+        )
+
+    async def _stop(self, config_id: str, *, reason: str) -> None:
+        assert self.store is not None and self.supervisor is not None
+        run = self.supervisor.runs[config_id]
+        with tracer.start_as_current_span(
+            "stop", attributes={"config_id": config_id, "run_id": run.run_id, "reason": reason}
+        ):
+            ended = await self.supervisor.stop(config_id, reason=reason)
+            if ended:
+                await self._finish_run(run)
+            else:
+                await self.store.mark_stopping(config_id, run_id=run.run_id, fence=run.fence)
+
+    async def _finish_run(self, run: Run) -> None:
+        """Record the end of a local run whose task has ended, then release its lease."""
+        assert self.store is not None and self.supervisor is not None and self.relay is not None
+        config_id = run.config.id
+        outcome = self.supervisor.outcome_of(run)
+        fields = {"config_id": config_id, "run_id": run.run_id, "instance_id": self.instance_id}
+        retry_in: float | None = None
+
+        if outcome.ending is Ending.FENCED:
+            log.warning("run ended: its lease was taken over", extra=fields)
+        elif outcome.ending is Ending.STOPPED:
+            state = "deleted" if outcome.reason == "deleted" else "stopped"
+            await self.store.end_run(
+                config_id,
+                run_id=run.run_id,
+                fence=run.fence,
+                state=state,
+                end_event=lambda _attempt: self._event(
+                    EVENT_STOPPED, config_id, run_id=run.run_id, fence=run.fence,
+                    config_version=run.config.version, reason=outcome.reason,
+                ),
+            )
+            log.info("run stopped (%s)", outcome.reason, extra=fields)
+        else:
+            delays: dict[int, float] = {}
+
+            def retry_delay(attempt: int) -> float:
+                delay = backoff_delay(
+                    attempt,
+                    initial=self.settings.backoff_initial_seconds,
+                    cap=self.settings.backoff_max_seconds,
+                )
+                if outcome.retry_after is not None:
+                    delay = min(self.settings.backoff_max_seconds,
+                                max(delay, outcome.retry_after))
+                delays[attempt] = delay
+                return delay
+
+            await self.store.end_run(
+                config_id,
+                run_id=run.run_id,
+                fence=run.fence,
+                state="backoff",
+                error=outcome.error,
+                retry_in=retry_delay,
+                end_event=lambda attempt: self._event(
+                    EVENT_FAILED, config_id, run_id=run.run_id, fence=run.fence,
+                    config_version=run.config.version, error=outcome.error, attempt=attempt,
+                    retry_in_seconds=round(delays[attempt], 3),
+                ),
+            )
+            retry_in = next(iter(delays.values()), None)
+            log.warning(
+                "run failed: %s; next run in %.1f s", outcome.error, retry_in or 0.0,
+                extra=fields,
+            )
+
+        self.supervisor.remove(config_id)
+        if outcome.ending is not Ending.FENCED:
+            # The end event goes out before the lease is released, so that a successor's
+            # `started` never precedes it; if Kafka is away the lease simply expires.
+            if await self.relay.flush(timeout=EVENT_FLUSH_SECONDS):
+                await self.store.release_lease(config_id, run_id=run.run_id, fence=run.fence)
+        if retry_in is not None:
+            self.queue.add_after(config_id, retry_in)
+
+    async def _end_expired(self, config_id: str) -> None:
+        assert self.store is not None and self.relay is not None
+
+        def stopped(run_id: str, owner: str | None, fence: int, version: int | None) -> dict:
+            return self._event(
+                EVENT_STOPPED, config_id, run_id=run_id, fence=fence, config_version=version,
+                reason="lease-expired", ran_by=owner,
+            )
+
+        if await self.store.end_expired_run(config_id, end_event=stopped):
+            log.info("ended a run whose lease expired", extra={"config_id": config_id,
+                                                               "reason": "lease-expired"})
+            self.relay.wake()
+
+    def _event(
+        self,
+        event_type: str,
+        config_id: str,
+        *,
+        run_id: str,
+        fence: int,
+        config_version: int | None = None,
+        reason: str | None = None,
+        error: str | None = None,
+        attempt: int | None = None,
+        retry_in_seconds: float | None = None,
+        ran_by: str | None = None,
+    ) -> dict:
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        return lifecycle_event(
+            event_type=event_type,
+            config_id=config_id,
+            run_id=run_id,
+            instance_id=ran_by or self.instance_id,
+            emitter_id=self.instance_id,
+            fence=fence,
+            config_version=config_version,
+            reason=reason,
+            error=error,
+            attempt=attempt,
+            retry_in_seconds=retry_in_seconds,
+            traceparent=carrier.get("traceparent"),
+        )
+
+    # ---- background duties ---------------------------------------------------------------
+
+    async def _renew_leases_forever(self) -> None:
+        assert self.supervisor is not None
+        while True:
+            await asyncio.sleep(self.settings.lease_renew_seconds)
+            try:
+                await self.supervisor.renew_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning(
+                    "could not renew leases (%s); runs stop at their lease deadline unless "
+                    "the next renewal succeeds",
+                    " ".join(str(error).split()) or type(error).__name__,
+                )
+
+    async def _watch_deadlines_forever(self) -> None:
+        assert self.supervisor is not None
+        while True:
+            await asyncio.sleep(0.25)
+            self.supervisor.enforce_deadlines()
+
+    async def _resync_forever(self) -> None:
+        assert self.store is not None and self.supervisor is not None
+        period = self.settings.resync_seconds
+        while True:
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
+            try:
+                ids = await self.store.config_ids(
+                    partitions=sorted(self.assigned), held_by_me=True
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("resync could not list configs (%s); trying again next period",
+                            " ".join(str(error).split()))
+                continue
+            for config_id in set(ids) | set(self.supervisor.runs):
+                self.queue.add(config_id)
+
+    # ---- retries -------------------------------------------------------------------------
+
+    async def _retry_database(self, operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+        return await _retry_forever(operation, what=what)
+
+    async def _retry_kafka(self, operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+        return await _retry_forever(operation, what=what)
+
+
+_DLQ_HEADERS = {"error", "source-topic", "source-partition", "source-offset"}
+
+
+async def _retry_forever(operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+    """Retry in short attempts with a capped, jittered delay; the record stays unacknowledged."""
+    delay = 0.2
+    while True:
+        try:
+            return await operation()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning(
+                "%s failed (%s); retrying in %.1f s",
+                what,
+                " ".join(str(error).split()) or type(error).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2) * random.uniform(0.8, 1.2)
+
+
+async def _bounded(awaitable: Awaitable, seconds: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(awaitable, seconds)
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        log.warning("%s did not finish cleanly: %s", what, " ".join(str(error).split())
+                    or type(error).__name__)
+
+
+def _content_key(row: TaskRow) -> str:
+    if row.config is None:
+        return ""
+    return _content_key_of_config(row.config)
+
+
+def _content_key_of_config(config: Config) -> str:
+    content = config.normalised()
+    content.pop("enabled", None)
+    return json.dumps(content, sort_keys=True)
+

@@ -1,0 +1,168 @@
+"""The pull loop of one run: wait for the first pull, then pull every interval until cancelled.
+
+A pull asks the source for pages from the saved cursor on; each non-empty page's orders go
+to `<p>.orders`, and the page's cursor is saved only after Kafka acknowledged them. Publish
+and save form one critical section that a cancellation does not cut in half (bounded by
+`CRITICAL_SECTION_SECONDS`), so a graceful stop never leaves orders published with the old
+cursor saved; only the wait on the source is abandoned at once.
+
+Before every request and every publish the run checks its lease deadline (monotonic clock,
+moved forward by each renewal); past it the run raises `LeaseLost` and does nothing more.
+Every write to the table carries the run's fencing number and raises `Fenced` when stale.
+
+The loop ends only by cancellation (a stop) or by an exception: `PullFailed`, `LeaseLost`,
+`Fenced`, or a crash. The supervisor turns that into the run's end event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+
+from streams.configs import Config
+from streams.publisher import OutgoingRecord, Publisher
+from reconciler.source import OrderSource, Page, RunIdentity
+from reconciler.store import Store
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("reconciler.loop")
+
+# Bound of the publish-then-save section once a stop has been asked for.
+CRITICAL_SECTION_SECONDS = 10.0
+
+
+class LeaseLost(Exception):
+    """The run's lease deadline passed before it could be renewed."""
+
+
+@dataclass(eq=False)
+class Run:
+    """One life of a loop for a config; the supervisor's registry holds these."""
+
+    config: Config
+    run_id: str
+    fence: int
+    cursor: str | None
+    first_pull_delay: float
+    # Monotonic time after which the run must not send or publish anything.
+    lease_deadline: float
+    task: asyncio.Task | None = None
+    # Set by whoever cancels the run: the `reason` of its `stopped` event.
+    stop_reason: str | None = None
+    # The configs-topic partition the config belongs to: its run stops when it moves away.
+    source_partition: int | None = None
+    pulled: int = 0
+    orders_published: int = 0
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    @property
+    def identity(self) -> RunIdentity:
+        return RunIdentity(config_id=self.config.id, run_id=self.run_id, fence=self.fence)
+
+    def check_lease(self) -> None:
+        if time.monotonic() >= self.lease_deadline:
+            raise LeaseLost(f"lease of run {self.run_id} ran out before it was renewed")
+
+
+@dataclass(frozen=True, slots=True)
+class LoopServices:
+    source: OrderSource
+    publisher: Publisher
+    store: Store
+    orders_topic: str
+
+
+def first_pull_jitter(interval: float) -> float:
+    """The contract's jitter: at most 10% of the interval and at most 5 s."""
+    return random.uniform(0.0, min(0.1 * interval, 5.0))
+
+
+async def pull_loop(run: Run, services: LoopServices) -> None:
+    interval = run.config.interval_seconds
+    await asyncio.sleep(run.first_pull_delay + first_pull_jitter(interval))
+    while True:
+        started = time.monotonic()
+        await pull(run, services)
+        await services.store.record_successful_pull(
+            run.config.id,
+            run_id=run.run_id,
+            fence=run.fence,
+            seconds_ago=time.monotonic() - started,
+        )
+        run.pulled += 1
+        await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
+
+
+async def pull(run: Run, services: LoopServices) -> None:
+    """One pull: pages from the saved cursor until an empty page."""
+    with tracer.start_as_current_span(
+        "pull",
+        kind=trace.SpanKind.INTERNAL,
+        attributes={"config_id": run.config.id, "run_id": run.run_id},
+    ):
+        while True:
+            run.check_lease()
+            page = await services.source.fetch_page(
+                run.config, run=run.identity, cursor=run.cursor, traceparent=_traceparent()
+            )
+            if not page.orders:
+                if page.next_cursor is not None and page.next_cursor != run.cursor:
+                    await _uninterrupted(_save_cursor(run, services, page.next_cursor))
+                return
+            run.check_lease()
+            await _uninterrupted(_publish_page(run, services, page))
+
+
+async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
+    config = run.config
+    headers = [
+        ("config-id", config.id.encode()),
+        ("run-id", run.run_id.encode()),
+        ("traceparent", (_traceparent() or "").encode()),
+    ]
+    records = [
+        OutgoingRecord(
+            key=f"{config.channel_id}:{order['id']}".encode(),
+            value=json.dumps(order, separators=(",", ":"), ensure_ascii=False).encode(),
+            headers=headers,
+        )
+        for order in page.orders
+    ]
+    await services.publisher.send_all(services.orders_topic, records)
+    run.orders_published += len(records)
+    assert page.next_cursor is not None  # parse_page refuses orders without a cursor
+    await _save_cursor(run, services, page.next_cursor)
+
+
+async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:
+    await services.store.save_cursor(
+        run.config.id, run_id=run.run_id, fence=run.fence, cursor=cursor
+    )
+    run.cursor = cursor
+
+
+async def _uninterrupted(coro) -> None:
+    """Finish `coro` even if the caller is cancelled meanwhile, then re-raise the cancel."""
+    inner = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        if not inner.done():
+            try:
+                await asyncio.wait_for(inner, CRITICAL_SECTION_SECONDS)
+            except (Exception, asyncio.CancelledError):
+                log.warning("a publish-and-save section did not finish within its bound")
+        raise
+
+
+def _traceparent() -> str | None:
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get("traceparent")

@@ -1,0 +1,88 @@
+"""The one typed settings object of an instance, read once from the environment.
+
+Every variable of the public contract is here with its contract default; the rest are this
+implementation's own knobs (lease timing, backoff, timeouts), documented in the README.
+Flags of the command line override fields by building a copy with `model_copy(update=...)`.
+Nothing else in the project reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_KAFKA = "127.0.0.1:9092"
+LOCAL_DATABASE_URL = "postgresql://reconciler@127.0.0.1:15432/reconciler"
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field(LOCAL_KAFKA, alias="KAFKA_BOOTSTRAP_SERVERS")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: str | None = Field(None, alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: str | None = Field(None, alias="KAFKA_SASL_PASSWORD", repr=False)
+    kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
+
+    database_url: str = Field(LOCAL_DATABASE_URL, alias="DATABASE_URL", repr=False)
+
+    instance_id: str = Field(default_factory=default_instance_id, alias="RECONCILER_INSTANCE_ID")
+    topic_prefix: str = Field("pull", alias="RECONCILER_TOPIC_PREFIX", pattern=r"^[A-Za-z0-9._-]+$")
+    group_id_setting: str | None = Field(None, alias="RECONCILER_GROUP_ID")
+    config_partitions: int = Field(12, alias="RECONCILER_CONFIG_PARTITIONS", ge=1, le=10_000)
+    max_record_bytes: int = Field(65536, alias="RECONCILER_MAX_RECORD_BYTES", ge=1)
+    http_port: int = Field(8080, alias="RECONCILER_HTTP_PORT", ge=0, le=65535)
+    secrets_dir: str | None = Field(None, alias="RECONCILER_SECRETS_DIR")
+
+    # Leases: a run may act only until `renewal sent + lease_seconds - lease_margin_seconds`
+    # by the monotonic clock; renewals go out every `lease_renew_seconds`.
+    lease_seconds: float = Field(10.0, alias="RECONCILER_LEASE_SECONDS", gt=0)
+    lease_renew_seconds: float = Field(3.0, alias="RECONCILER_LEASE_RENEW_SECONDS", gt=0)
+    lease_margin_seconds: float = Field(2.0, alias="RECONCILER_LEASE_MARGIN_SECONDS", ge=0)
+
+    # How long a stop waits for a loop to end before reporting it stuck (it stays `stopping`).
+    stop_timeout_seconds: float = Field(5.0, alias="RECONCILER_STOP_TIMEOUT_SECONDS", gt=0)
+    # Backoff after a failed run: first delay, cap, both in seconds.
+    backoff_initial_seconds: float = Field(1.0, alias="RECONCILER_BACKOFF_INITIAL_SECONDS", gt=0)
+    backoff_max_seconds: float = Field(300.0, alias="RECONCILER_BACKOFF_MAX_SECONDS", gt=0)
+    # Full resync of owned configs, jittered by up to a fifth of the period.
+    resync_seconds: float = Field(120.0, alias="RECONCILER_RESYNC_SECONDS", gt=0)
+    # Parallel reconciles; each holds at most one database connection at a time.
+    reconcile_workers: int = Field(8, alias="RECONCILER_WORKERS", ge=1, le=256)
+    db_pool_size: int = Field(10, alias="RECONCILER_DB_POOL_SIZE", ge=2)
+    db_timeout_seconds: float = Field(10.0, alias="RECONCILER_DB_TIMEOUT_SECONDS", gt=0)
+    kafka_session_timeout_seconds: float = Field(10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS")
+    kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS")
+    otel_service_name: str = Field("reconciler", alias="OTEL_SERVICE_NAME")
+    log_format: Literal["text", "json"] = Field("text", alias="RECONCILER_LOG_FORMAT")
+    log_level: str = Field("INFO", alias="RECONCILER_LOG_LEVEL")
+
+    @model_validator(mode="after")
+    def _lease_timing_is_consistent(self) -> "Settings":
+        if self.lease_renew_seconds + self.lease_margin_seconds >= self.lease_seconds:
+            raise ValueError(
+                "lease timing: RECONCILER_LEASE_RENEW_SECONDS + RECONCILER_LEASE_MARGIN_SECONDS "
+                "must be shorter than RECONCILER_LEASE_SECONDS"
+            )
+        return self
+
+    @property
+    def group_id(self) -> str:
+        return self.group_id_setting or f"{self.topic_prefix}.reconciler"
+
+    @property
+    def uses_local_stack(self) -> bool:
+        """True when neither Kafka nor PostgreSQL was pointed elsewhere."""
+        explicit = self.model_fields_set
+        return "kafka_bootstrap_servers" not in explicit and "database_url" not in explicit

@@ -1,0 +1,608 @@
+"""PostgreSQL: the `pull_tasks` table (desired state, actual state, leases, cursors) and the
+outbox of lifecycle events.
+
+Every statement that acts for a run names the run's `run_id` and fencing number in its
+`WHERE`, so a write from a run whose lease was taken over matches no row and fails. Time is
+the database's: lease expiry, backoff and the last pull are compared with `now()` inside the
+statements, never with this process's clock.
+
+Lifecycle events are inserted into `lifecycle_outbox` in the same transaction as the state
+change they report; `reconciler.outbox` sends them to Kafka and deletes them once acknowledged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import asyncpg
+
+from streams.configs import Config, Tombstone, config_from_json_dict
+from reconciler.versions import Judgement, StoredDesired, Verdict, judge_config, judge_tombstone
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("starting", "running", "stopping")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE pull_tasks (
+        config_id         text PRIMARY KEY,
+        enabled           boolean NOT NULL DEFAULT false,
+        config            jsonb,
+        config_version    bigint,
+        deleted           boolean NOT NULL DEFAULT false,
+        source_partition  integer,
+        source_offset     bigint,
+        record_time       timestamptz,
+        state             text NOT NULL DEFAULT 'stopped' CHECK (state IN
+                              ('starting', 'running', 'stopping', 'stopped', 'failed',
+                               'backoff', 'deleted')),
+        run_id            text,
+        fence             bigint NOT NULL DEFAULT 0,
+        owner             text,
+        owner_boot        text,
+        lease_expires_at  timestamptz,
+        started_at        timestamptz,
+        stopped_at        timestamptz,
+        last_pull_at      timestamptz,
+        last_error        text,
+        attempts          integer NOT NULL DEFAULT 0,
+        retry_at          timestamptz,
+        cursor            text,
+        updated_at        timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX pull_tasks_owner ON pull_tasks (owner) WHERE owner IS NOT NULL;
+    CREATE INDEX pull_tasks_partition ON pull_tasks (source_partition);
+    CREATE TABLE lifecycle_outbox (
+        id          bigserial PRIMARY KEY,
+        config_id   text NOT NULL,
+        event       jsonb NOT NULL,
+        created_at  timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+]
+
+# Any constant works; it only has to be the same for every instance of the product.
+_MIGRATION_LOCK = 0x70756C6C
+
+
+class Fenced(Exception):
+    """A write for a run matched no row: its lease was taken over or the run was ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredWrite:
+    judgement: Judgement
+    # The stored desired state changed in a way a reconcile must look at.
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    config_id: str
+    enabled: bool
+    deleted: bool
+    config: Config | None
+    config_version: int | None
+    state: str
+    run_id: str | None
+    fence: int
+    owner: str | None
+    owner_boot: str | None
+    lease_remaining: float | None
+    backoff_remaining: float
+    attempts: int
+    cursor: str | None
+    last_pull_at: dt.datetime | None
+    source_partition: int | None
+
+    @property
+    def run_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease just taken for a new run."""
+
+    run_id: str
+    fence: int
+    config: Config
+    cursor: str | None
+    # Seconds until the first pull may happen by the contract's timing rule (before jitter).
+    first_pull_delay: float
+    lease_seconds: float
+
+
+EventFactory = Callable[[int], dict]
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, *, instance_id: str, boot_id: str, timeout: float):
+        self._pool = pool
+        self._instance_id = instance_id
+        self._boot_id = boot_id
+        self._timeout = timeout
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, instance_id: str, boot_id: str, pool_size: int, timeout: float
+    ) -> "Store":
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=pool_size, command_timeout=timeout, timeout=timeout
+        )
+        return cls(pool, instance_id=instance_id, boot_id=boot_id, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def migrate(self) -> None:
+        """Bring the schema up to date; safe when several instances start at once."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS reconciler_schema (version integer NOT NULL)"
+                )
+                current = await conn.fetchval("SELECT max(version) FROM reconciler_schema") or 0
+                for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO reconciler_schema VALUES ($1)", number)
+                    log.info("schema migrated to version %d", number)
+
+    # ---- desired state -------------------------------------------------------------------
+
+    async def write_desired(
+        self,
+        record: Config | Tombstone,
+        *,
+        partition: int,
+        offset: int,
+        record_time: dt.datetime | None,
+    ) -> DesiredWrite:
+        """Store one accepted record as the config's desired state, by the version rules."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT config, config_version, deleted, enabled, source_partition,"
+                    " source_offset FROM pull_tasks WHERE config_id = $1 FOR UPDATE",
+                    record.id,
+                )
+                if (
+                    row is not None
+                    and row["source_partition"] == partition
+                    and row["source_offset"] is not None
+                    and row["source_offset"] >= offset
+                ):
+                    return DesiredWrite(
+                        Judgement(Verdict.IGNORE, f"offset {offset} was already applied"), False
+                    )
+                stored = _stored_desired(row)
+                if isinstance(record, Tombstone):
+                    judgement = judge_tombstone(stored=stored)
+                else:
+                    judgement = judge_config(
+                        stored=stored, version=record.version, normalised=record.normalised()
+                    )
+                if judgement.verdict is not Verdict.APPLY:
+                    return DesiredWrite(judgement, False)
+
+                if isinstance(record, Tombstone):
+                    await self._write_tombstone(conn, record, partition, offset, record_time)
+                    return DesiredWrite(judgement, row is not None)
+                changed = await self._write_config(conn, row, record, partition, offset, record_time)
+                return DesiredWrite(judgement, changed)
+
+    async def _write_config(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record | None,
+        config: Config,
+        partition: int,
+        offset: int,
+        record_time: dt.datetime | None,
+    ) -> bool:
+        previous = _config_of(row) if row is not None and not row["deleted"] else None
+        same_content = previous is not None and previous.normalised() == config.normalised()
+        same_source = previous is not None and _source_identity(previous) == _source_identity(
+            config
+        )
+        await conn.execute(
+            """
+            INSERT INTO pull_tasks (config_id, enabled, config, config_version, deleted,
+                                    source_partition, source_offset, record_time)
+            VALUES ($1, $2, $3::jsonb, $4, false, $5, $6, $7)
+            ON CONFLICT (config_id) DO UPDATE SET
+                enabled = excluded.enabled,
+                config = excluded.config,
+                config_version = excluded.config_version,
+                deleted = false,
+                source_partition = excluded.source_partition,
+                source_offset = excluded.source_offset,
+                record_time = excluded.record_time,
+                cursor = CASE WHEN $8 THEN pull_tasks.cursor END,
+                last_pull_at = CASE WHEN $8 THEN pull_tasks.last_pull_at END,
+                retry_at = CASE WHEN $9 THEN pull_tasks.retry_at END,
+                attempts = CASE WHEN $9 THEN pull_tasks.attempts ELSE 0 END,
+                state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
+                             THEN pull_tasks.state
+                             WHEN excluded.enabled AND pull_tasks.state = 'backoff' AND $9
+                             THEN 'backoff'
+                             ELSE 'stopped' END,
+                updated_at = now()
+            """,
+            config.id,
+            config.enabled,
+            json.dumps(config.to_json_dict()),
+            config.version,
+            partition,
+            offset,
+            record_time,
+            same_source,
+            same_content,
+        )
+        return not same_content
+
+    async def _write_tombstone(
+        self,
+        conn: asyncpg.Connection,
+        tombstone: Tombstone,
+        partition: int,
+        offset: int,
+        record_time: dt.datetime | None,
+    ) -> None:
+        # The version stays: a later record at or below it must not bring the config back.
+        await conn.execute(
+            """
+            INSERT INTO pull_tasks (config_id, enabled, deleted, state, source_partition,
+                                    source_offset, record_time)
+            VALUES ($1, false, true, 'deleted', $2, $3, $4)
+            ON CONFLICT (config_id) DO UPDATE SET
+                enabled = false, deleted = true, cursor = NULL, last_pull_at = NULL,
+                retry_at = NULL, attempts = 0,
+                state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
+                             THEN pull_tasks.state ELSE 'deleted' END,
+                source_partition = excluded.source_partition,
+                source_offset = excluded.source_offset,
+                record_time = excluded.record_time,
+                updated_at = now()
+            """,
+            tombstone.id,
+            partition,
+            offset,
+            record_time,
+        )
+
+    # ---- reading -------------------------------------------------------------------------
+
+    async def read(self, config_id: str) -> TaskRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_ROW_COLUMNS} FROM pull_tasks WHERE config_id = $1",
+            config_id,
+            timeout=self._timeout,
+        )
+        return None if row is None else _task_row(row)
+
+    async def config_ids(
+        self, *, partitions: list[int] | None = None, held_by_me: bool = False
+    ) -> list[str]:
+        """Configs of the given partitions, plus those whose lease names this instance."""
+        rows = await self._pool.fetch(
+            """
+            SELECT config_id FROM pull_tasks
+            WHERE ($1::int[] IS NULL OR source_partition = ANY($1::int[]))
+               OR ($2 AND owner = $3)
+            """,
+            partitions,
+            held_by_me,
+            self._instance_id,
+            timeout=self._timeout,
+        )
+        return [r["config_id"] for r in rows]
+
+    async def status_rows(self) -> list[asyncpg.Record]:
+        return await self._pool.fetch(
+            """
+            SELECT config_id, enabled, deleted, config_version, state, run_id, fence, owner,
+                   lease_expires_at, started_at, stopped_at, last_pull_at, last_error,
+                   attempts, retry_at, cursor, updated_at, config
+            FROM pull_tasks ORDER BY config_id
+            """,
+            timeout=self._timeout,
+        )
+
+    # ---- leases and runs -----------------------------------------------------------------
+
+    async def take_lease(
+        self, config_id: str, *, run_id: str, lease_seconds: float, started_event: EventFactory
+    ) -> Lease | None:
+        """Take the config's lease for a new run, raising the fencing number.
+
+        None when the lease is held by another live run, or the desired state no longer
+        asks for a run. The `started` event is built from the new fencing number and
+        written in the same transaction.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    """
+                    UPDATE pull_tasks SET
+                        state = 'running', run_id = $2, fence = fence + 1,
+                        owner = $3, owner_boot = $4,
+                        lease_expires_at = now() + make_interval(secs => $5),
+                        started_at = now(), stopped_at = NULL, retry_at = NULL,
+                        updated_at = now()
+                    WHERE config_id = $1 AND enabled AND NOT deleted
+                      AND state NOT IN ('starting', 'running', 'stopping')
+                      AND (owner IS NULL OR lease_expires_at <= now()
+                           OR (owner = $3 AND owner_boot = $4))
+                    RETURNING fence, config, cursor,
+                        EXTRACT(EPOCH FROM (now() - last_pull_at)) AS since_last_pull
+                    """,
+                    config_id,
+                    run_id,
+                    self._instance_id,
+                    self._boot_id,
+                    lease_seconds,
+                )
+                if row is None:
+                    return None
+                config = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
+                await self._insert_event(conn, config_id, started_event(row["fence"]))
+        since = row["since_last_pull"]
+        wait = 0.0 if since is None else max(0.0, config.interval_seconds - float(since))
+        return Lease(
+            run_id=run_id,
+            fence=row["fence"],
+            config=config,
+            cursor=row["cursor"],
+            first_pull_delay=wait,
+            lease_seconds=lease_seconds,
+        )
+
+    async def renew_leases(
+        self, runs: list[tuple[str, str, int]], *, lease_seconds: float
+    ) -> set[str]:
+        """Renew the leases of this instance's runs in one statement; returns the renewed ids."""
+        if not runs:
+            return set()
+        ids, run_ids, fences = (list(column) for column in zip(*runs))
+        rows = await self._pool.fetch(
+            """
+            UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $6)
+            FROM unnest($1::text[], $2::text[], $3::bigint[]) AS r(config_id, run_id, fence)
+            WHERE t.config_id = r.config_id AND t.run_id = r.run_id AND t.fence = r.fence
+              AND t.owner = $4 AND t.owner_boot = $5
+              AND t.state IN ('starting', 'running', 'stopping')
+            RETURNING t.config_id
+            """,
+            ids,
+            run_ids,
+            fences,
+            self._instance_id,
+            self._boot_id,
+            lease_seconds,
+            timeout=self._timeout,
+        )
+        return {r["config_id"] for r in rows}
+
+    async def mark_stopping(self, config_id: str, *, run_id: str, fence: int) -> None:
+        await self._pool.execute(
+            "UPDATE pull_tasks SET state = 'stopping', updated_at = now()"
+            " WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND state = 'running'",
+            config_id,
+            run_id,
+            fence,
+            timeout=self._timeout,
+        )
+
+    async def end_run(
+        self,
+        config_id: str,
+        *,
+        run_id: str,
+        fence: int,
+        state: str,
+        end_event: Callable[[int], dict],
+        error: str | None = None,
+        retry_in: Callable[[int], float] | None = None,
+    ) -> bool:
+        """Record the end of one of our runs, once; False if it was already ended.
+
+        For a failed run, `retry_in(attempt)` gives the backoff delay; the attempt count
+        is the row's, raised by one. `end_event(attempt)` builds the end event.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT attempts FROM pull_tasks WHERE config_id = $1 AND run_id = $2"
+                    " AND fence = $3 AND state IN ('starting', 'running', 'stopping')"
+                    " FOR UPDATE",
+                    config_id,
+                    run_id,
+                    fence,
+                )
+                if row is None:
+                    return False
+                attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
+                delay = retry_in(attempt) if retry_in is not None else None
+                await conn.execute(
+                    """
+                    UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,
+                        attempts = $4,
+                        retry_at = CASE WHEN $5::float8 IS NULL THEN NULL
+                                        ELSE now() + make_interval(secs => $5) END,
+                        updated_at = now()
+                    WHERE config_id = $1
+                    """,
+                    config_id,
+                    state,
+                    error,
+                    attempt,
+                    delay,
+                )
+                await self._insert_event(conn, config_id, end_event(attempt))
+                return True
+
+    async def end_expired_run(
+        self, config_id: str, *, end_event: Callable[[str, str | None, int, int | None], dict]
+    ) -> bool:
+        """End, in the record, a run whose lease expired (its holder vanished or froze).
+
+        `end_event(run_id, owner, fence, config_version)` builds the `stopped` event.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    """
+                    SELECT run_id, owner, fence, config_version FROM pull_tasks
+                    WHERE config_id = $1 AND state IN ('starting', 'running', 'stopping')
+                      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                    FOR UPDATE
+                    """,
+                    config_id,
+                )
+                if row is None:
+                    return False
+                await conn.execute(
+                    """
+                    UPDATE pull_tasks SET
+                        state = CASE WHEN deleted THEN 'deleted' ELSE 'stopped' END,
+                        stopped_at = now(), owner = NULL, owner_boot = NULL,
+                        lease_expires_at = NULL, updated_at = now()
+                    WHERE config_id = $1
+                    """,
+                    config_id,
+                )
+                event = end_event(
+                    row["run_id"], row["owner"], row["fence"], row["config_version"]
+                )
+                await self._insert_event(conn, config_id, event)
+                return True
+
+    async def release_lease(self, config_id: str, *, run_id: str, fence: int) -> None:
+        await self._pool.execute(
+            """
+            UPDATE pull_tasks SET owner = NULL, owner_boot = NULL, lease_expires_at = NULL,
+                state = CASE WHEN deleted THEN 'deleted' ELSE state END, updated_at = now()
+            WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $4
+              AND owner_boot = $5 AND state NOT IN ('starting', 'running', 'stopping')
+            """,
+            config_id,
+            run_id,
+            fence,
+            self._instance_id,
+            self._boot_id,
+            timeout=self._timeout,
+        )
+
+    async def save_cursor(self, config_id: str, *, run_id: str, fence: int, cursor: str) -> None:
+        await self._fenced_update(
+            "cursor = $4", config_id, run_id, fence, cursor
+        )
+
+    async def record_successful_pull(
+        self, config_id: str, *, run_id: str, fence: int, seconds_ago: float
+    ) -> None:
+        """The pull that began `seconds_ago` ended well: it is the new last pull."""
+        await self._fenced_update(
+            "last_pull_at = now() - make_interval(secs => $4), attempts = 0, retry_at = NULL,"
+            " last_error = NULL",
+            config_id,
+            run_id,
+            fence,
+            seconds_ago,
+        )
+
+    async def _fenced_update(
+        self, assignments: str, config_id: str, run_id: str, fence: int, value: Any
+    ) -> None:
+        done = await self._pool.fetchval(
+            f"""
+            UPDATE pull_tasks SET {assignments}, updated_at = now()
+            WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $5
+              AND owner_boot = $6 AND state IN ('starting', 'running', 'stopping')
+            RETURNING true
+            """,
+            config_id,
+            run_id,
+            fence,
+            value,
+            self._instance_id,
+            self._boot_id,
+            timeout=self._timeout,
+        )
+        if not done:
+            raise Fenced(f"run {run_id} of {config_id} no longer holds fencing number {fence}")
+
+    # ---- outbox --------------------------------------------------------------------------
+
+    async def _insert_event(self, conn: asyncpg.Connection, config_id: str, event: dict) -> None:
+        await conn.execute(
+            "INSERT INTO lifecycle_outbox (config_id, event) VALUES ($1, $2::jsonb)",
+            config_id,
+            json.dumps(event),
+        )
+
+    async def outbox_depth(self) -> int:
+        return await self._pool.fetchval(
+            "SELECT count(*) FROM lifecycle_outbox", timeout=self._timeout
+        )
+
+
+_ROW_COLUMNS = """
+    config_id, enabled, deleted, config, config_version, state, run_id, fence, owner,
+    owner_boot, source_partition, attempts, cursor, last_pull_at,
+    EXTRACT(EPOCH FROM (lease_expires_at - now())) AS lease_remaining,
+    GREATEST(0, COALESCE(EXTRACT(EPOCH FROM (retry_at - now())), 0)) AS backoff_remaining
+"""
+
+
+def _task_row(row: asyncpg.Record) -> TaskRow:
+    return TaskRow(
+        config_id=row["config_id"],
+        enabled=row["enabled"],
+        deleted=row["deleted"],
+        config=_config_of(row),
+        config_version=row["config_version"],
+        state=row["state"],
+        run_id=row["run_id"],
+        fence=row["fence"],
+        owner=row["owner"],
+        owner_boot=row["owner_boot"],
+        lease_remaining=None if row["lease_remaining"] is None else float(row["lease_remaining"]),
+        backoff_remaining=float(row["backoff_remaining"]),
+        attempts=row["attempts"],
+        cursor=row["cursor"],
+        last_pull_at=row["last_pull_at"],
+        source_partition=row["source_partition"],
+    )
+
+
+def _config_of(row: asyncpg.Record) -> Config | None:
+    if row["config"] is None:
+        return None
+    return config_from_json_dict(json.loads(row["config"]))
+
+
+def _stored_desired(row: asyncpg.Record | None) -> StoredDesired | None:
+    if row is None:
+        return None
+    config = None if row["deleted"] else _config_of(row)
+    return StoredDesired(
+        version=row["config_version"],
+        deleted=row["deleted"],
+        normalised=None if config is None else config.normalised(),
+    )
+
+
+def _source_identity(config: Config) -> tuple[str, str, str]:
+    return (config.source.url, config.channel_id, config.product_id)

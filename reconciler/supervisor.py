@@ -1,0 +1,162 @@
+"""The supervisor: the only owner of pull loops in this process.
+
+It keeps the registry of runs (config id → `Run`), starts a loop for a lease just taken,
+cancels a loop and awaits its end for a stop, renews every local lease in one batched
+statement, and cancels a run whose lease deadline has passed. It never decides whether a
+config should run; reconciles do, and only reconciles add to or remove from the registry.
+
+When a loop's task ends, for whatever reason, the supervisor asks for a reconcile of its
+config (`on_run_ended`); that reconcile reads the outcome with `outcome_of` and records the
+end. A run whose task is still alive stays in the registry, so a new run cannot start
+beside a loop that is slow to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from reconciler.loop import LeaseLost, LoopServices, Run, pull_loop
+from reconciler.source import PullFailed
+from reconciler.store import Fenced, Lease, Store
+
+log = logging.getLogger(__name__)
+
+
+class Ending(enum.Enum):
+    STOPPED = "stopped"
+    FAILED = "failed"
+    # The run's row was taken over: someone else ended it in the record.
+    FENCED = "fenced"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ending: Ending
+    reason: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        services: LoopServices,
+        store: Store,
+        on_run_ended: Callable[[str], None],
+        lease_seconds: float,
+        lease_margin_seconds: float,
+        stop_timeout: float,
+    ) -> None:
+        self._services = services
+        self._store = store
+        self._on_run_ended = on_run_ended
+        self._lease_seconds = lease_seconds
+        self._lease_margin = lease_margin_seconds
+        self._stop_timeout = stop_timeout
+        self.runs: dict[str, Run] = {}
+
+    def start(self, lease: Lease, *, lease_taken_at: float) -> Run:
+        config_id = lease.config.id
+        assert config_id not in self.runs, f"a run of {config_id} is already registered"
+        run = Run(
+            config=lease.config,
+            run_id=lease.run_id,
+            fence=lease.fence,
+            cursor=lease.cursor,
+            first_pull_delay=lease.first_pull_delay,
+            lease_deadline=lease_taken_at + self._lease_seconds - self._lease_margin,
+        )
+        run.task = asyncio.create_task(pull_loop(run, self._services), name=f"run:{config_id}")
+        run.task.add_done_callback(lambda _: self._on_run_ended(config_id))
+        self.runs[config_id] = run
+        return run
+
+    async def stop(self, config_id: str, *, reason: str) -> bool:
+        """Cancel the config's loop and wait for it to end; False if it outlived the bound."""
+        run = self.runs[config_id]
+        assert run.task is not None
+        if run.stop_reason is None:
+            run.stop_reason = reason
+        run.task.cancel()
+        done, _ = await asyncio.wait({run.task}, timeout=self._stop_timeout)
+        if not done:
+            log.error(
+                "loop did not stop within %.1f s; the config stays stopping until it ends",
+                self._stop_timeout,
+                extra={"config_id": config_id, "run_id": run.run_id},
+            )
+        return bool(done)
+
+    def is_ending(self, config_id: str) -> bool:
+        run = self.runs.get(config_id)
+        return run is not None and (run.stop_reason is not None or run.task.done())
+
+    def remove(self, config_id: str) -> Run:
+        run = self.runs.pop(config_id)
+        assert run.task is not None and run.task.done()
+        return run
+
+    @staticmethod
+    def outcome_of(run: Run) -> Outcome:
+        task = run.task
+        assert task is not None and task.done()
+        if task.cancelled():
+            return Outcome(Ending.STOPPED, reason=run.stop_reason or "shutdown")
+        error = task.exception()
+        if isinstance(error, LeaseLost):
+            return Outcome(Ending.STOPPED, reason="lease-lost")
+        if isinstance(error, Fenced):
+            return Outcome(Ending.FENCED)
+        if isinstance(error, PullFailed):
+            return Outcome(Ending.FAILED, error=str(error), retry_after=error.retry_after)
+        if error is None:
+            return Outcome(Ending.FAILED, error="loop ended without being stopped")
+        text = " ".join(str(error).split())
+        return Outcome(Ending.FAILED, error=f"loop crashed: {type(error).__name__}: {text}")
+
+    async def renew_leases(self) -> None:
+        """Renew every live local lease in one statement; runs not renewed lose it now."""
+        live = [run for run in self.runs.values() if not run.task.done()]
+        if not live:
+            return
+        sent = time.monotonic()
+        renewed = await self._store.renew_leases(
+            [(run.config.id, run.run_id, run.fence) for run in live],
+            lease_seconds=self._lease_seconds,
+        )
+        deadline = sent + self._lease_seconds - self._lease_margin
+        for run in live:
+            if run.config.id in renewed:
+                run.lease_deadline = max(run.lease_deadline, deadline)
+            else:
+                run.lease_deadline = 0.0
+        self.enforce_deadlines()
+
+    def enforce_deadlines(self) -> None:
+        """Cancel the runs whose lease deadline passed (they may be stuck inside a request)."""
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.lease_deadline <= now and not run.task.done() and run.stop_reason is None:
+                log.warning(
+                    "lease lost; stopping the run",
+                    extra={"config_id": run.config.id, "run_id": run.run_id},
+                )
+                run.stop_reason = "lease-lost"
+                run.task.cancel()
+
+    async def cancel_all(self, *, reason: str) -> None:
+        """For shutdown: cancel every loop and wait, bounded, for all of them to end."""
+        tasks = []
+        for run in self.runs.values():
+            if run.stop_reason is None:
+                run.stop_reason = reason
+            run.task.cancel()
+            tasks.append(run.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._stop_timeout)

@@ -1,0 +1,1 @@
+"""The wire: topics, record formats and their codecs, the configs stream and the publisher."""

@@ -1,0 +1,150 @@
+"""The configs stream: a faust-streaming app whose one agent consumes `<p>.configs`.
+
+The agent hands every record, valid or not, to the handler it was built with and takes the
+next record only when the handler has returned. faust acknowledges a record when the agent
+moves past it and commits acknowledged offsets itself (never aiokafka's timer-based
+auto-commit), so an offset is committed only after the handler made the record's effect
+durable. A handler that cannot store a record keeps retrying; it never returns early.
+
+Rebalance hooks report the partitions this instance now owns. aiokafka and faust rebalance
+eagerly (every partition is revoked at each join or leave), so the hooks only report; what
+to do about lost and gained partitions is decided by the caller.
+
+faust is run as a service inside the caller's event loop (no faust worker, no web server):
+the instance owns the process, its signals and its shutdown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import faust
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams.connection import KafkaConnection
+from streams.topics import replication_factor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRecord:
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+    timestamp: dt.datetime | None
+    headers: list[tuple[str, bytes]]
+
+
+RecordHandler = Callable[[ConfigRecord], Awaitable[None]]
+PartitionsHandler = Callable[[set[int]], Awaitable[None]]
+
+
+class ConfigStream:
+    def __init__(
+        self,
+        *,
+        connection: KafkaConnection,
+        topic: str,
+        group_id: str,
+        handle_record: RecordHandler,
+        on_assigned: PartitionsHandler,
+        on_revoked: PartitionsHandler,
+        session_timeout: float = 10.0,
+        heartbeat_interval: float = 3.0,
+        static_member_id: str | None = None,
+    ) -> None:
+        self._connection = connection
+        self._topic_name = topic
+        self._handle_record = handle_record
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+        self._datadir = tempfile.TemporaryDirectory(prefix="reconciler-faust-")
+        self.app = faust.App(
+            group_id,
+            broker=connection.faust_broker(),
+            broker_credentials=connection.faust_credentials(),
+            datadir=self._datadir.name,
+            web_enabled=False,
+            topic_allow_declare=False,
+            topic_disable_leader=False,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=session_timeout,
+            broker_heartbeat_interval=heartbeat_interval,
+            broker_rebalance_timeout=max(session_timeout * 2, 20.0),
+            broker_commit_interval=1.0,
+            stream_wait_empty=False,
+            stream_buffer_maxsize=1024,
+            key_serializer="raw",
+            value_serializer="raw",
+            consumer_group_instance_id=static_member_id,
+            producer_acks=-1,
+        )
+        self._topic = self.app.topic(
+            topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
+        self.app.agent(self._topic, name=f"{group_id}.configs-agent")(self._agent)
+        self.app.on_partitions_assigned.connect(self._assigned)
+        self.app.on_partitions_revoked.connect(self._revoked)
+        self._started = False
+
+    async def start(self) -> None:
+        await self._create_leader_topic()
+        self.app.finalize()
+        await self.app.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            await self.app.stop()
+            self._started = False
+        self._datadir.cleanup()
+
+    async def _agent(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            timestamp = (
+                dt.datetime.fromtimestamp(message.timestamp, tz=dt.timezone.utc)
+                if message.timestamp
+                else None
+            )
+            headers = list((event.headers or {}).items()) if event.headers else []
+            await self._handle_record(
+                ConfigRecord(
+                    key=message.key,
+                    value=message.value,
+                    partition=message.partition,
+                    offset=message.offset,
+                    timestamp=timestamp,
+                    headers=[(k, v if isinstance(v, bytes) else bytes(v)) for k, v in headers],
+                )
+            )
+
+    async def _assigned(self, app: faust.App, assigned: set, **_: object) -> None:
+        partitions = {tp.partition for tp in assigned if tp.topic == self._topic_name}
+        await self._on_assigned(partitions)
+
+    async def _revoked(self, app: faust.App, revoked: set, **_: object) -> None:
+        partitions = {tp.partition for tp in revoked if tp.topic == self._topic_name}
+        await self._on_revoked(partitions)
+
+    async def _create_leader_topic(self) -> None:
+        # faust's partition assignor wants a one-partition topic named after the app; with
+        # topic declaration off (the product creates its own topics) it must exist already.
+        name = f"{self.app.conf.id}-__assignor-__leader"
+        admin = AIOKafkaAdminClient(**self._connection.client_options())
+        await admin.start()
+        try:
+            if name not in set(await admin.list_topics()):
+                replication = await replication_factor(admin)
+                await admin.create_topics([NewTopic(name, 1, replication)])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            await admin.close()
