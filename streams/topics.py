@@ -93,7 +93,7 @@ async def replication_factor(admin: AIOKafkaAdminClient) -> int:
 
 async def _check_compacted(admin: AIOKafkaAdminClient, topic: str) -> None:
     responses = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, topic, configs=["cleanup.policy"])]
+        [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"cleanup.policy": None})]
     )
     for response in responses:
         for resource in response.resources:

@@ -1,0 +1,456 @@
+"""The `reconciler` command line, as the contract names it.
+
+Exit status: 0 on success; 2 on bad usage or invalid input, with the reason on stderr; 1 on
+any other failure, with a message that names what could not be reached. Settings come from
+the environment (and `.env`); the few flags override them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from reconciler.settings import Settings
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class Failure(click.ClickException):
+    """Exit 1 with one line: something could not be reached or did not work."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        err.print(f"reconciler: {self.message}", markup=False)
+
+
+class BadInput(click.ClickException):
+    """Exit 2 with the reason: bad usage or invalid input."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        err.print(f"reconciler: {self.message}", markup=False)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        settings = Settings()
+    except Exception as error:  # pydantic's ValidationError, with every bad variable
+        raise BadInput(f"invalid settings: {_one_line(error)}") from None
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def database_place(url: str) -> str:
+    """host:port/database of a DSN, never its password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def run_async(main: Awaitable[Any], settings: Settings | None = None) -> Any:
+    """Run a coroutine, turning connection failures into one-line exit-1 messages."""
+    try:
+        return asyncio.run(main)
+    except click.ClickException:
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:
+        raise Failure(_describe_failure(error, settings)) from None
+
+
+def _describe_failure(error: BaseException, settings: Settings | None) -> str:
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    from streams.topics import TopicMisconfigured
+
+    text = _one_line(error)
+    if settings is not None:
+        if isinstance(error, KafkaConnectionError) or (
+            isinstance(error, KafkaError) and "connect" in text.lower()
+        ):
+            return f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {text}"
+        if isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith(
+            "asyncpg"
+        ):
+            return f"cannot reach PostgreSQL at {database_place(settings.database_url)}: {text}"
+    if isinstance(error, TopicMisconfigured):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Event-driven reconciler of order-pull loops over Kafka and PostgreSQL.
+
+    Config changes arrive on the compacted topic <prefix>.configs; each instance runs one
+    pull loop per enabled config of the partitions it owns, never two for one config, and
+    reports lifecycle events on <prefix>.task-events. Settings come from the environment
+    (see README): KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RECONCILER_*.
+    """
+
+
+# ---- run -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--instance-id", help="Name of this instance (default: host name + pid).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
+def run(instance_id: str | None, log_format: str | None) -> None:
+    """Run one instance until SIGTERM or SIGINT, then shut down gracefully."""
+    settings = load_settings(instance_id=instance_id, log_format=log_format)
+    run_async(_run_instance(settings), settings)
+
+
+async def _run_instance(settings: Settings) -> None:
+    from reconciler.instance import Instance
+    from reconciler.logs import setup_logging
+    from reconciler.telemetry import setup_tracing
+
+    setup_logging(level=settings.log_level, json_format=settings.log_format == "json")
+    setup_tracing(service_name=settings.otel_service_name, instance_id=settings.instance_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    instance = Instance(settings)
+    try:
+        await instance.start()
+    except BaseException:
+        await instance.stop()
+        raise
+    await stop.wait()
+    await instance.stop()
+
+
+# ---- config --------------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Publish, check and change configs."""
+
+
+def _read_document(file: str) -> bytes:
+    if file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(file).read_bytes()
+    except OSError as error:
+        raise BadInput(f"cannot read {file}: {error.strerror}") from None
+
+
+@config.command("validate")
+@click.argument("file")
+def config_validate(file: str) -> None:
+    """Validate FILE (one config object or an array of them; - for stdin) without publishing."""
+    from streams.configs import check_document
+
+    configs, problems = check_document(_read_document(file))
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise SystemExit(2)
+    click.echo(f"{len(configs)} valid config{'s' if len(configs) != 1 else ''}")
+
+
+@config.command("put")
+@click.argument("file")
+def config_put(file: str) -> None:
+    """Publish the configs in FILE (- for stdin), only if every one of them is valid."""
+    from streams.configs import check_document
+
+    configs, problems = check_document(_read_document(file))
+    if problems:
+        for problem in problems:
+            err.print(problem, markup=False)
+        raise BadInput(f"nothing published: {len(problems)} problem(s) in {file}")
+    settings = load_settings()
+    run_async(_publish_configs(settings, [(c.id, c.to_json_bytes()) for c in configs]), settings)
+    click.echo(f"published {len(configs)} config{'s' if len(configs) != 1 else ''}")
+
+
+async def _publish_configs(settings: Settings, records: list[tuple[str, bytes | None]]) -> None:
+    from streams.publisher import OutgoingRecord, Publisher
+    from streams.topics import Topics, ensure_topics
+    from reconciler.instance import kafka_connection
+
+    connection = kafka_connection(settings)
+    topics = Topics(settings.topic_prefix)
+    await asyncio.wait_for(
+        ensure_topics(connection, topics, config_partitions=settings.config_partitions), 30
+    )
+    publisher = Publisher(connection)
+    await asyncio.wait_for(publisher.start(), 30)
+    try:
+        await asyncio.wait_for(
+            publisher.send_all(
+                topics.configs,
+                [OutgoingRecord(key=k.encode(), value=v, headers=[]) for k, v in records],
+            ),
+            30,
+        )
+    finally:
+        await publisher.stop()
+
+
+@config.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of a config."""
+    from streams.configs import config_json_schema
+
+    click.echo(json.dumps(config_json_schema(), indent=2))
+
+
+def _change_command(name: str, help_text: str) -> Callable[[str], None]:
+    @config.command(name, help=help_text)
+    @click.argument("config_id")
+    def command(config_id: str) -> None:
+        settings = load_settings()
+        record = run_async(_changed_record(settings, config_id, name), settings)
+        run_async(_publish_configs(settings, [record]), settings)
+        click.echo(f"published {name} of {config_id}")
+
+    return command
+
+
+async def _changed_record(settings: Settings, config_id: str, change: str) -> tuple[str, bytes | None]:
+    import asyncpg
+
+    from streams.configs import config_from_json_dict
+
+    conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
+    try:
+        row = await conn.fetchrow(
+            "SELECT config, deleted, config_version FROM pull_tasks WHERE config_id = $1",
+            config_id,
+        )
+    except asyncpg.UndefinedTableError:
+        row = None
+    finally:
+        await conn.close()
+    if row is None or row["config"] is None:
+        raise BadInput(f"config {config_id} is not known (no desired state in the database)")
+    if row["deleted"]:
+        raise BadInput(f"config {config_id} is deleted; publish it again with `config put`")
+    current = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
+    if change == "delete":
+        return config_id, None
+    changes: dict[str, Any] = {"enabled": change == "enable"}
+    if current.version is not None:
+        changes["version"] = current.version + 1
+    return config_id, current.with_changes(**changes).to_json_bytes()
+
+
+config_enable = _change_command("enable", "Enable CONFIG_ID (version + 1 when versioned).")
+config_disable = _change_command("disable", "Disable CONFIG_ID (version + 1 when versioned).")
+config_delete = _change_command("delete", "Delete CONFIG_ID: publish a tombstone.")
+
+
+# ---- status and events ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per config.")
+def status(as_json: bool) -> None:
+    """Print the running-task table."""
+    settings = load_settings()
+    rows = run_async(_status_rows(settings), settings)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, default=str))
+        return
+    table = Table(title=f"pull_tasks ({len(rows)} configs)")
+    for column in ("config", "enabled", "state", "run", "fence", "owner", "lease left",
+                   "last pull", "attempts", "cursor", "last error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["config_id"], str(row["enabled"]), row["state"], (row["run_id"] or "")[:8],
+            str(row["fence"]), row["owner"] or "", _seconds(row["lease_seconds_left"]),
+            str(row["last_pull_at"] or "")[:19], str(row["attempts"]), row["cursor"] or "",
+            (row["last_error"] or "")[:60],
+        )
+    out.print(table)
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f} s"
+
+
+async def _status_rows(settings: Settings) -> list[dict]:
+    import asyncpg
+
+    conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT config_id, enabled, deleted, config_version, state, run_id, fence, owner,
+                   EXTRACT(EPOCH FROM (lease_expires_at - now()))::float8 AS lease_seconds_left,
+                   started_at, stopped_at, last_pull_at, last_error, attempts, retry_at,
+                   cursor, updated_at
+            FROM pull_tasks ORDER BY config_id
+            """
+        )
+    except asyncpg.UndefinedTableError:
+        rows = []
+    finally:
+        await conn.close()
+    return [dict(row) for row in rows]
+
+
+@main.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--json", "as_json", is_flag=True, help="Print each CloudEvent as JSON.")
+def events(follow: bool, as_json: bool) -> None:
+    """Print lifecycle events from <prefix>.task-events, oldest first."""
+    settings = load_settings()
+    run_async(_print_events(settings, follow=follow, as_json=as_json), settings)
+
+
+async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.lifecycle import decode_lifecycle_event
+    from streams.topics import Topics
+    from reconciler.instance import kafka_connection
+
+    topic = Topics(settings.topic_prefix).task_events
+    consumer = AIOKafkaConsumer(
+        **kafka_connection(settings).client_options(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await asyncio.wait_for(consumer.start(), 30)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            raise Failure(f"topic {topic} does not exist (no instance has started yet?)")
+        from aiokafka import TopicPartition
+
+        assignment = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assignment)
+        await consumer.seek_to_beginning(*assignment)
+        ends = await consumer.end_offsets(assignment)
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    _print_event(record.value, decode_lifecycle_event, as_json)
+            if not follow:
+                positions = {tp: await consumer.position(tp) for tp in assignment}
+                if all(positions[tp] >= ends[tp] for tp in assignment):
+                    return
+    finally:
+        await consumer.stop()
+
+
+def _print_event(value: bytes, decode: Callable[[bytes], dict], as_json: bool) -> None:
+    try:
+        event = decode(value)
+    except ValueError as error:
+        err.print(f"skipping a record that is not a lifecycle event: {error}", markup=False)
+        return
+    if as_json:
+        click.echo(json.dumps(event))
+        return
+    data = event["data"]
+    extra = ""
+    if data.get("reason"):
+        extra += f" reason={data['reason']}"
+    if data.get("error"):
+        extra += f" error={data['error']!r} retry_in={data.get('retry_in_seconds')}s"
+    click.echo(
+        f"{event['time']} {event['type'].rsplit('.', 1)[-1]:8} {data['config_id']} "
+        f"run={data['run_id'][:8]} fence={data['fence']} instance={data['instance_id']}{extra}"
+    )
+
+
+# ---- local stack, demo, sample source ------------------------------------------------------
+
+
+@main.group()
+def dev() -> None:
+    """The local stack: a single-node Kafka and a PostgreSQL on 127.0.0.1, data in .stack/."""
+
+
+@dev.command("up")
+def dev_up() -> None:
+    """Start the local stack (idempotent) and print how to use it."""
+    from reconciler.localstack import StackError, default_stack
+
+    stack = default_stack()
+    try:
+        stack.up(progress=lambda line: err.print(line, markup=False))
+    except StackError as error:
+        raise Failure(str(error)) from None
+    for name, value in stack.env().items():
+        click.echo(f"export {name}={value}")
+
+
+@dev.command("down")
+def dev_down() -> None:
+    """Stop exactly the processes `dev up` started."""
+    from reconciler.localstack import StackError, default_stack
+
+    try:
+        default_stack().down(progress=lambda line: err.print(line, markup=False))
+    except StackError as error:
+        raise Failure(str(error)) from None
+
+
+@dev.command("env")
+def dev_env() -> None:
+    """Print `export NAME=value` lines that point at the local stack."""
+    from reconciler.localstack import default_stack
+
+    for name, value in default_stack().env().items():
+        click.echo(f"export {name}={value}")
+
+
+@main.command()
+def demo() -> None:
+    """Run the main job on sample input and print a summary; exit 0 only if it ended right."""
+    from reconciler.demo import run_demo
+    from reconciler.logs import setup_logging
+
+    settings = load_settings(http_port=0)
+    setup_logging(level="WARNING", json_format=False)
+    ok = run_async(run_demo(settings, console=out), settings)
+    raise SystemExit(0 if ok else 1)
+
+
+@main.command("sample-source")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8900, show_default=True, type=int)
+@click.option("--rate", default=2.0, show_default=True, type=float,
+              help="Orders per second per channel and product.")
+def sample_source(host: str, port: int, rate: float) -> None:
+    """Serve made-up orders as an HTTP order source, for trying the product."""
+    from reconciler.sample_source import serve_forever
+
+    run_async(serve_forever(host, port, rate))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""A deployment under test: topics, a publisher of config records, collectors of what the
+product writes (lifecycle events, orders, DLQ records), and instances in-process or as
+`reconciler run` subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.lifecycle import decode_lifecycle_event
+from streams.publisher import OutgoingRecord, Publisher
+from streams.topics import Topics, ensure_topics
+from reconciler.instance import Instance, kafka_connection
+from reconciler.settings import Settings
+
+
+def config_doc(
+    config_id: str,
+    *,
+    url: str,
+    enabled: bool = True,
+    interval: float = 1.0,
+    channel: str = "shop-1",
+    product: str | None = None,
+    version: int | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": config_id,
+        "enabled": enabled,
+        "channel_id": channel,
+        "product_id": product or config_id,
+        "interval_seconds": interval,
+        "source": {"type": "http", "url": url},
+    }
+    if timeout is not None:
+        doc["source"]["timeout_seconds"] = timeout
+    if version is not None:
+        doc["version"] = version
+    return doc
+
+
+@dataclass
+class Collected:
+    """Records of one topic, read from the beginning by a background consumer."""
+
+    records: list[Any] = field(default_factory=list)
+
+
+class Deployment:
+    def __init__(self, *, settings: Settings, source: Any) -> None:
+        self.settings = settings
+        self.source = source
+        self.topics = Topics(settings.topic_prefix)
+        self.connection = kafka_connection(settings)
+        self.publisher = Publisher(self.connection)
+        self.events: list[dict] = []
+        self.orders: list[Any] = []
+        self.dlq: list[Any] = []
+        self._consumers: list[AIOKafkaConsumer] = []
+        self._tasks: list[asyncio.Task] = []
+        self.instances: list[Instance] = []
+        self.processes: list[subprocess.Popen] = []
+
+    async def open(self) -> None:
+        await ensure_topics(
+            self.connection, self.topics, config_partitions=self.settings.config_partitions
+        )
+        await self.publisher.start()
+        self._follow(self.topics.task_events, lambda r: self.events.append(
+            decode_lifecycle_event(r.value)))
+        self._follow(self.topics.orders, self.orders.append)
+        self._follow(self.topics.dlq, self.dlq.append)
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        for instance in self.instances:
+            await instance.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for consumer in self._consumers:
+            await consumer.stop()
+        await self.publisher.stop()
+
+    def _follow(self, topic: str, sink: Callable[[Any], None]) -> None:
+        consumer = AIOKafkaConsumer(
+            **self.connection.client_options(), group_id=None, enable_auto_commit=False
+        )
+        self._consumers.append(consumer)
+
+        async def follow() -> None:
+            await consumer.start()
+            partitions = consumer.partitions_for_topic(topic)
+            while not partitions:
+                await asyncio.sleep(0.2)
+                await consumer._client.force_metadata_update()
+                partitions = consumer.partitions_for_topic(topic)
+            assignment = [TopicPartition(topic, p) for p in partitions]
+            consumer.assign(assignment)
+            await consumer.seek_to_beginning(*assignment)
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for record in records:
+                        sink(record)
+
+        self._tasks.append(asyncio.create_task(follow()))
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    def doc(self, config_id: str, **fields: Any) -> dict[str, Any]:
+        return config_doc(config_id, url=fields.pop("url", self.source.url), **fields)
+
+    async def put(self, config_id: str, **fields: Any) -> dict[str, Any]:
+        doc = self.doc(config_id, **fields)
+        await self.publish_raw(config_id.encode(), json.dumps(doc).encode())
+        return doc
+
+    async def delete(self, config_id: str) -> None:
+        await self.publish_raw(config_id.encode(), None)
+
+    async def publish_raw(self, key: bytes | None, value: bytes | None,
+                          headers: list[tuple[str, bytes]] | None = None) -> None:
+        await self.publisher.send(
+            self.topics.configs, OutgoingRecord(key=key, value=value, headers=headers or [])
+        )
+
+    # ---- instances -----------------------------------------------------------------------
+
+    async def start_instance(self, **overrides: Any) -> Instance:
+        settings = self.settings.model_copy(update=overrides)
+        instance = Instance(settings)
+        self.instances.append(instance)
+        await instance.start()
+        await asyncio.wait_for(instance.joined.wait(), 60)
+        return instance
+
+    async def stop_instance(self, instance: Instance) -> None:
+        self.instances.remove(instance)
+        await instance.stop()
+
+    def spawn_instance(self, *, instance_id: str, **env: str) -> subprocess.Popen:
+        """`reconciler run` in its own process, for restarts and signals."""
+        environment = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
+            "DATABASE_URL": self.settings.database_url,
+            "RECONCILER_TOPIC_PREFIX": self.settings.topic_prefix,
+            "RECONCILER_CONFIG_PARTITIONS": str(self.settings.config_partitions),
+            "RECONCILER_INSTANCE_ID": instance_id,
+            "RECONCILER_HTTP_PORT": "0",
+            **env,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler.cli", "run"],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"/tmp/{self.settings.topic_prefix}-{instance_id}.log", "ab"),
+        )
+        self.processes.append(process)
+        return process
+
+    @staticmethod
+    def terminate(process: subprocess.Popen, *, timeout: float = 30) -> int:
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout)
+
+    # ---- reading what happened -----------------------------------------------------------
+
+    def events_of(self, config_id: str, kind: str | None = None) -> list[dict]:
+        return [
+            e for e in self.events
+            if e["subject"] == config_id and (kind is None or e["type"] == f"pull.task.{kind}")
+        ]
+
+    def orders_of(self, config_id: str) -> list[Any]:
+        return [
+            r for r in self.orders if dict(r.headers).get("config-id") == config_id.encode()
+        ]
+
+    async def row(self, config_id: str) -> dict | None:
+        conn = await asyncpg.connect(self.settings.database_url)
+        try:
+            row = await conn.fetchrow("SELECT * FROM pull_tasks WHERE config_id = $1", config_id)
+        finally:
+            await conn.close()
+        return None if row is None else dict(row)
+
+
+async def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
