@@ -31,7 +31,7 @@ class Failure(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        err.print(f"reconciler: {self.message}", markup=False)
+        click.echo(f"reconciler: {self.message}", err=True)
 
 
 class BadInput(click.ClickException):
@@ -40,7 +40,7 @@ class BadInput(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        err.print(f"reconciler: {self.message}", markup=False)
+        click.echo(f"reconciler: {self.message}", err=True)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -179,7 +179,7 @@ def config_put(file: str) -> None:
     configs, problems = check_document(_read_document(file))
     if problems:
         for problem in problems:
-            err.print(problem, markup=False)
+            click.echo(problem, err=True)
         raise BadInput(f"nothing published: {len(problems)} problem(s) in {file}")
     settings = load_settings()
     run_async(_publish_configs(settings, [(c.id, c.to_json_bytes()) for c in configs]), settings)

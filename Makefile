@@ -1,0 +1,35 @@
+# Everything a fresh clone needs: `make demo` runs the main job, `make test` the whole suite.
+# Both build the virtual environment in .venv first (Python 3.11); the local Kafka and
+# PostgreSQL are started by the commands themselves.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test unit up down env clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/reconciler demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit
+
+up: $(STAMP)
+	$(VENV)/bin/reconciler dev up
+
+down: $(STAMP)
+	$(VENV)/bin/reconciler dev down
+
+env: $(STAMP)
+	$(VENV)/bin/reconciler dev env
+
+clean: down
+	rm -rf $(VENV) .stack
