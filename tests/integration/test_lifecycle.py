@@ -84,30 +84,80 @@ async def test_disable_then_enable_starts_a_new_run_that_pulls(deployment: Deplo
 async def test_reenable_while_stopping_starts_exactly_one_new_run_after_the_old_one_ended(
     deployment: Deployment,
 ) -> None:
-    await deployment.start_instance(stop_timeout_seconds=0.5)
+    await deployment.start_instance()
     await deployment.put("c1", interval=0.2, timeout=30)
     await wait_for(lambda: deployment.source.requests_for("c1"), timeout=20, what="first pull")
-    # The next pull hangs in the source; the loop is cancelled but its request is stuck
-    # only as long as the source holds it, which the supervisor's stop bound outlasts.
-    deployment.source.delay(product_id="c1", seconds=3.0)
-    await wait_for(
-        lambda: any(r.status == 0 for r in deployment.source.requests_for("c1")) or
-        len(deployment.source.requests_for("c1")) >= 2,
-        timeout=10, what="a slow pull in flight",
-    )
+    # The next request is held by the source: the loop is inside a pull when the stop comes.
+    deployment.source.hang(product_id="c1")
+    await wait_for(lambda: deployment.source.in_flight() == 1, timeout=10,
+                   what="a pull stuck in the source")
 
     await deployment.put("c1", interval=0.2, timeout=30, enabled=False)
     await deployment.put("c1", interval=0.2, timeout=30, enabled=True)
+    await wait_for(lambda: len(started_run_ids(deployment, "c1")) == 2, timeout=15,
+                   what="second start")
     deployment.source.heal(product_id="c1")
+    await wait_for(lambda: len(request_runs(deployment, "c1")) == 2, timeout=10,
+                   what="a pull of the new run")
+    await asyncio.sleep(0.5)
+
+    first, second = started_run_ids(deployment, "c1")
+    kinds = [(e["type"], e["data"]["run_id"]) for e in deployment.events_of("c1")]
+    assert kinds == [
+        ("pull.task.started", first),
+        ("pull.task.stopped", first),
+        ("pull.task.started", second),
+    ]
+    assert deployment.source.overlaps() == []
+
+
+async def test_reenable_while_the_old_loop_is_slow_to_stop_waits_for_it_to_end(
+    deployment: Deployment,
+) -> None:
+    instance = await deployment.start_instance(stop_timeout_seconds=0.5)
+    publisher = instance.publisher
+    send_all = publisher.send_all
+    slow = asyncio.Event()
+
+    async def slow_send_all(topic, records):
+        # Publishing a page is the part of a pull a stop does not interrupt: holding it
+        # keeps the old loop alive well past the stop bound.
+        if slow.is_set() and topic == deployment.topics.orders:
+            await asyncio.sleep(2.5)
+        await send_all(topic, records)
+
+    publisher.send_all = slow_send_all
+    await deployment.put("c1", interval=0.2)
+    await wait_for(lambda: deployment.orders_of("c1"), timeout=20, what="first orders")
+    slow.set()
+    await wait_for(lambda: deployment.source.requests_for("c1")[-1].orders > 0 and
+                   len(deployment.source.requests_for("c1")) > 2, timeout=10,
+                   what="a page being published")
+
+    await deployment.put("c1", interval=0.2, enabled=False)
+    await wait_for(lambda: _state(deployment, "c1", "stopping"), timeout=5, what="stopping")
+    await deployment.put("c1", interval=0.2, enabled=True)
+    await asyncio.sleep(0.5)
+    assert len(started_run_ids(deployment, "c1")) == 1
+    slow.clear()
 
     await wait_for(lambda: len(started_run_ids(deployment, "c1")) == 2, timeout=15,
                    what="second start")
-    await asyncio.sleep(1.0)
     first, second = started_run_ids(deployment, "c1")
-    ends = deployment.events_of("c1", "stopped")
-    assert [e["data"]["run_id"] for e in ends] == [first]
-    assert len(started_run_ids(deployment, "c1")) == 2
+    kinds = [(e["type"], e["data"]["run_id"]) for e in deployment.events_of("c1")]
+    assert kinds == [
+        ("pull.task.started", first),
+        ("pull.task.stopped", first),
+        ("pull.task.started", second),
+    ]
+    await wait_for(lambda: second in request_runs(deployment, "c1"), timeout=10,
+                   what="a pull of the new run")
     assert deployment.source.overlaps() == []
+
+
+async def _state(deployment: Deployment, config_id: str, state: str) -> bool:
+    row = await deployment.row(config_id)
+    return row is not None and row["state"] == state
 
 
 async def test_changed_interval_restarts_the_run_with_the_new_interval(
