@@ -85,9 +85,13 @@ def _describe_failure(error: BaseException, settings: Settings | None) -> str:
             "asyncpg"
         ):
             return f"cannot reach PostgreSQL at {database_place(settings.database_url)}: {text}"
-    if isinstance(error, TopicMisconfigured):
+    if isinstance(error, TopicMisconfigured) or type(error).__name__ in _SELF_EXPLAINING:
         return text
     return f"{type(error).__name__}: {text}"
+
+
+# Errors whose message already says what could not be reached.
+_SELF_EXPLAINING = {"DemoError", "StackError"}
 
 
 def _one_line(error: BaseException) -> str:
@@ -434,8 +438,11 @@ def demo() -> None:
     from reconciler.demo import run_demo
     from reconciler.logs import setup_logging
 
+    from reconciler.telemetry import setup_tracing
+
     settings = load_settings(http_port=0)
     setup_logging(level="WARNING", json_format=False)
+    setup_tracing(service_name=settings.otel_service_name, instance_id=settings.instance_id)
     ok = run_async(run_demo(settings, console=out), settings)
     raise SystemExit(0 if ok else 1)
 

@@ -122,11 +122,10 @@ async def pull(run: Run, services: LoopServices) -> None:
 
 async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
     config = run.config
-    headers = [
-        ("config-id", config.id.encode()),
-        ("run-id", run.run_id.encode()),
-        ("traceparent", (_traceparent() or "").encode()),
-    ]
+    headers = [("config-id", config.id.encode()), ("run-id", run.run_id.encode())]
+    traceparent = _traceparent()
+    if traceparent:
+        headers.append(("traceparent", traceparent.encode()))
     records = [
         OutgoingRecord(
             key=f"{config.channel_id}:{order['id']}".encode(),
@@ -157,8 +156,11 @@ async def _uninterrupted(coro) -> None:
         if not inner.done():
             try:
                 await asyncio.wait_for(inner, CRITICAL_SECTION_SECONDS)
-            except (Exception, asyncio.CancelledError):
-                log.warning("a publish-and-save section did not finish within its bound")
+            except TimeoutError:
+                log.warning("a publish-and-save section did not finish within %.0f s; "
+                            "abandoned", CRITICAL_SECTION_SECONDS)
+            except Exception as error:
+                log.warning("a publish-and-save section failed while stopping: %s", error)
         raise
 
 
