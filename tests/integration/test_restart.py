@@ -51,3 +51,27 @@ async def test_run_exits_with_status_1_naming_kafka_when_the_broker_cannot_be_re
     )
     code = await asyncio.to_thread(process.wait, 120)
     assert code == 1
+
+
+async def test_run_refuses_to_start_when_the_configs_topic_is_not_compacted(
+    settings, endpoints
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from tests.integration.harness import Deployment
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints["KAFKA_BOOTSTRAP_SERVERS"])
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(f"{settings.topic_prefix}.configs", 3, 1,
+                                            topic_configs={"cleanup.policy": "delete"})])
+    finally:
+        await admin.close()
+    deployment = Deployment(settings=settings, source=None)
+
+    process = deployment.spawn_instance(instance_id="strict")
+    code = await asyncio.to_thread(process.wait, 120)
+
+    assert code == 1
+    log = open(f"/tmp/{settings.topic_prefix}-strict.log").read()
+    assert "cleanup.policy='delete'" in log and "compact" in log
