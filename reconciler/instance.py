@@ -42,7 +42,7 @@ from reconciler.loop import LoopServices, Run
 from reconciler.outbox import OutboxRelay
 from reconciler.settings import Settings
 from reconciler.source import OrderSource
-from reconciler.store import Store, TaskRow
+from reconciler.store import LEASE_CHANNEL, Store, TaskRow
 from reconciler.supervisor import Ending, Supervisor
 from reconciler.versions import Verdict
 from reconciler.workqueue import KeyedWorkQueue, QueueShutDown
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("reconciler.instance")
 
 T = TypeVar("T")
-
-# How long a graceful stop waits for the end events to reach Kafka before releasing leases.
-EVENT_FLUSH_SECONDS = 2.0
 
 
 def kafka_connection(settings: Settings) -> KafkaConnection:
@@ -92,6 +89,14 @@ class Instance:
         self.supervisor: Supervisor | None = None
         self.stream: ConfigStream | None = None
         self.joined = asyncio.Event()
+        # Configs whose start waits for another run's lease: a release wakes them at once.
+        self._waiting_for_lease: set[str] = set()
+        self._last_assignment: set[int] = set()
+        self._generation = 0
+        self._reclaim_everything = False
+        # Monotonic time of the last successful call to the broker, for the cut-off check.
+        self._kafka_seen = time.monotonic()
+        self.kafka_cut_off = False
         self._background: list[asyncio.Task] = []
         self._workers: list[asyncio.Task] = []
         self._stopping = False
@@ -136,6 +141,8 @@ class Instance:
             asyncio.create_task(self._renew_leases_forever(), name="lease-renewal"),
             asyncio.create_task(self._watch_deadlines_forever(), name="lease-watchdog"),
             asyncio.create_task(self._resync_forever(), name="resync"),
+            asyncio.create_task(self._listen_for_releases_forever(), name="lease-releases"),
+            asyncio.create_task(self._watch_kafka_forever(), name="kafka-watch"),
         ]
         self._workers = [
             asyncio.create_task(self._work_forever(), name=f"reconcile-worker-{n}")
@@ -150,6 +157,7 @@ class Instance:
             on_revoked=self._partitions_revoked,
             session_timeout=settings.kafka_session_timeout_seconds,
             heartbeat_interval=settings.kafka_heartbeat_seconds,
+            static_member_id=settings.static_member_id,
         )
         await self.stream.start()
         log.info("instance started", extra={"instance_id": self.instance_id})
@@ -170,11 +178,16 @@ class Instance:
                 run = self.supervisor.runs[config_id]
                 if run.task.done():
                     await _bounded(self._finish_run(run), 10.0, f"recording the end of {config_id}")
+        if self.relay is not None and self.store is not None:
+            await self.relay.wait_until_sent(timeout=5.0)
+        if self.store is not None:
+            await _bounded(
+                self.store.heartbeat(partitions=[], runs=0, stopped=True), 5.0,
+                "recording this instance as stopped",
+            )
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.relay is not None:
-            await self.relay.flush(timeout=5.0)
         if self.source is not None:
             await self.source.close()
         if self.publisher is not None:
@@ -239,22 +252,34 @@ class Instance:
             what="sending a record to the DLQ",
         )
 
-    async def _partitions_assigned(self, partitions: set[int]) -> None:
+    async def _partitions_assigned(self, partitions: set[int], generation: int) -> None:
         if self._stopping:
             return  # leaving the group: the shutdown stops every run with `shutdown`
+        self._last_assignment = set(partitions)
+        self._generation = generation
         lost = self.assigned - partitions
         gained = partitions - self.assigned
+        if self._reclaim_everything:
+            # After a cut-off, rows of every assigned partition may have moved meanwhile.
+            gained = set(partitions)
+            self._reclaim_everything = False
         self.assigned = set(partitions)
         self.joined.set()
-        log.info("partitions assigned: %s (gained %s, lost %s)", sorted(partitions),
-                 sorted(gained), sorted(lost))
-        # Reconcile what moved: runs of lost partitions stop (`reassigned`), configs of
-        # gained partitions start. A first assignment also picks up this instance's own
-        # leftovers (rows still naming it).
+        log.info("partitions assigned in generation %d: %s (gained %s, lost %s)", generation,
+                 sorted(partitions), sorted(gained), sorted(lost))
         assert self.store is not None and self.supervisor is not None
+        # Runs of lost partitions stop (`reassigned`) and release their leases promptly.
         for config_id, run in list(self.supervisor.runs.items()):
             if run.source_partition in lost:
                 self.queue.add(config_id)
+        if not partitions:
+            return
+        # Claim every assigned partition, not only the gained ones: a claim from an older
+        # generation by another instance may have landed after ours.
+        await self._retry_database(
+            lambda: self.store.claim_partitions(sorted(partitions), generation=generation),
+            what="claiming the assigned partitions",
+        )
         if gained:
             ids = await self._retry_database(
                 lambda: self.store.config_ids(partitions=sorted(gained), held_by_me=True),
@@ -346,8 +371,11 @@ class Instance:
         if action is Action.NOTHING or action is Action.WAIT_FOR_STOP:
             return
         if action in (Action.WAIT_FOR_LEASE, Action.WAIT_FOR_BACKOFF):
+            if action is Action.WAIT_FOR_LEASE:
+                self._waiting_for_lease.add(config_id)
             self.queue.add_after(config_id, decision.retry_after or 0.0)
             return
+        self._waiting_for_lease.discard(config_id)
         if action is Action.END_EXPIRED:
             await self._end_expired(config_id)
             self.queue.add(config_id)
@@ -378,8 +406,10 @@ class Instance:
                 started_event=lambda fence: started(fence),
             )
         if lease is None:
-            # The row changed since it was read (a lease holder appeared, or it was
-            # disabled); look again once that lease can have expired.
+            # The row changed since it was read (a lease holder appeared, another instance
+            # claimed the partition, or it was disabled); look again when the lease is
+            # released or can have expired.
+            self._waiting_for_lease.add(config_id)
             self.queue.add_after(config_id, self.settings.lease_seconds)
             return
         run = self.supervisor.start(lease, lease_taken_at=taken_at)
@@ -462,10 +492,10 @@ class Instance:
 
         self.supervisor.remove(config_id)
         if outcome.ending is not Ending.FENCED:
-            # The end event goes out before the lease is released, so that a successor's
-            # `started` never precedes it; if Kafka is away the lease simply expires.
-            if await self.relay.flush(timeout=EVENT_FLUSH_SECONDS):
-                await self.store.release_lease(config_id, run_id=run.run_id, fence=run.fence)
+            # The end event is already in the outbox, ahead of any successor's `started`:
+            # the relay sends in outbox order, so the lease can go at once.
+            self.relay.wake()
+            await self.store.release_lease(config_id, run_id=run.run_id, fence=run.fence)
         if retry_in is not None:
             self.queue.add_after(config_id, retry_in)
 
@@ -517,11 +547,14 @@ class Instance:
     # ---- background duties ---------------------------------------------------------------
 
     async def _renew_leases_forever(self) -> None:
-        assert self.supervisor is not None
+        assert self.supervisor is not None and self.store is not None
         while True:
             await asyncio.sleep(self.settings.lease_renew_seconds)
             try:
                 await self.supervisor.renew_leases()
+                await self.store.heartbeat(
+                    partitions=sorted(self.assigned), runs=len(self.supervisor.runs)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -530,6 +563,70 @@ class Instance:
                     "the next renewal succeeds",
                     " ".join(str(error).split()) or type(error).__name__,
                 )
+
+    async def _listen_for_releases_forever(self) -> None:
+        """Start a config the moment the run holding its lease releases it."""
+        assert self.store is not None
+
+        def released(_conn: object, _pid: int, _channel: str, config_id: str) -> None:
+            if config_id in self._waiting_for_lease:
+                self.queue.add(config_id)
+
+        while True:
+            try:
+                async with self.store.pool.acquire() as conn:
+                    await conn.add_listener(LEASE_CHANNEL, released)
+                    try:
+                        # Waiting configs are polled too, so nothing released while the
+                        # connection was down stays waiting for long.
+                        for config_id in list(self._waiting_for_lease):
+                            self.queue.add(config_id)
+                        while not conn.is_closed():
+                            await asyncio.sleep(1.0)
+                            await conn.execute("SELECT 1", timeout=5)
+                    finally:
+                        if not conn.is_closed():
+                            await conn.remove_listener(LEASE_CHANNEL, released)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("lost the lease-release listener (%s); reconnecting in 1 s",
+                            " ".join(str(error).split()) or type(error).__name__)
+                await asyncio.sleep(1.0)
+
+    async def _watch_kafka_forever(self) -> None:
+        """Stop every run when the broker has been unreachable for a session timeout.
+
+        The group will have given this instance's partitions to another member by then;
+        stopping at once lets the successor start without waiting for leases to expire.
+        """
+        assert self.publisher is not None
+        limit = self.settings.kafka_session_timeout_seconds
+        while True:
+            await asyncio.sleep(1.0)
+            reached = await self.publisher.reaches_broker(timeout=min(3.0, limit / 2))
+            now = time.monotonic()
+            if reached:
+                self._kafka_seen = now
+                if self.kafka_cut_off:
+                    self.kafka_cut_off = False
+                    log.warning("the broker is reachable again; resuming the last assignment "
+                                "until the group says otherwise")
+                    # If the group moved the partitions meanwhile, the new owner's claim
+                    # (a newer generation) keeps this instance from taking their leases,
+                    # and the next assignment corrects `assigned`.
+                    self._reclaim_everything = True
+                    await self._partitions_assigned(set(self._last_assignment),
+                                                    self._generation)
+                continue
+            if not self.kafka_cut_off and now - self._kafka_seen >= limit:
+                self.kafka_cut_off = True
+                self._reclaim_everything = True
+                log.error("the broker has been unreachable for %.0f s; stopping every run "
+                          "(its partitions belong to another instance by now)", limit)
+                self.assigned = set()
+                for config_id in list(self.supervisor.runs):
+                    self.queue.add(config_id)
 
     async def _watch_deadlines_forever(self) -> None:
         assert self.supervisor is not None

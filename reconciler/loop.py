@@ -94,6 +94,7 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
             run.config.id,
             run_id=run.run_id,
             fence=run.fence,
+            source=run.config,
             seconds_ago=time.monotonic() - started,
         )
         run.pulled += 1
@@ -142,7 +143,7 @@ async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
 
 async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:
     await services.store.save_cursor(
-        run.config.id, run_id=run.run_id, fence=run.fence, cursor=cursor
+        run.config.id, run_id=run.run_id, fence=run.fence, source=run.config, cursor=cursor
     )
     run.cursor = cursor
 

@@ -1,11 +1,13 @@
 """The outbox relay: sends lifecycle events from `lifecycle_outbox` to `<p>.task-events`.
 
 Events are written by the store in the same transaction as the state change they report, so
-none is lost when Kafka is away: they wait in the table. The relay takes the oldest rows
-under `FOR UPDATE SKIP LOCKED` (several instances may relay at once without sending a row
-twice), sends them in order with the idempotent producer, waits for the acknowledgement and
-deletes them in the same transaction. It wakes when this instance wrote an event and polls
-once a second for the rest.
+none is lost when Kafka is away: they wait in the table. One relay in the deployment sends
+at a time: whichever instance holds a PostgreSQL advisory lock. It sends rows in id order
+with the idempotent producer, waits for the acknowledgement, then deletes them. A single
+sender in id order keeps every config's events in the order of its state changes (the row
+lock of the config serialises those), so a successor's `started` never overtakes the
+`stopped` of the run before it, even across instances. A relay that cannot reach Kafka
+gives the lock up, so an instance cut off from the broker does not hold everyone's events.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 POLL_SECONDS = 1.0
+SEND_TIMEOUT_SECONDS = 10.0
+_RELAY_LOCK = 0x6F7574626F78
 
 
 class OutboxRelay:
@@ -30,8 +34,8 @@ class OutboxRelay:
         self._publisher = publisher
         self._topic = topic
         self._wakeup = asyncio.Event()
-        self._lock = asyncio.Lock()
         self.sent = 0
+        self.is_leader = False
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -40,62 +44,75 @@ class OutboxRelay:
         failures = 0
         while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
-            try:
-                await self.drain()
+                await self._lead()
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 failures += 1
-                delay = min(30.0, 0.5 * 2**failures)
+                delay = min(10.0, 0.5 * 2**failures)
                 log.warning(
-                    "could not send lifecycle events (%s); they wait in the outbox, retrying in "
-                    "%.1f s",
+                    "could not send lifecycle events (%s); they wait in the outbox, retrying "
+                    "in %.1f s",
                     " ".join(str(error).split()) or type(error).__name__,
                     delay,
                 )
                 await asyncio.sleep(delay)
 
-    async def drain(self) -> None:
-        """Send everything in the outbox now."""
-        async with self._lock:
-            while await self._send_batch():
-                pass
+    async def wait_until_sent(self, *, timeout: float) -> bool:
+        """Wait, bounded, until the outbox is empty; for a graceful shutdown."""
+        self.wake()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                if await self._store.outbox_depth() == 0:
+                    return True
+            except Exception:
+                return False
+            await asyncio.sleep(0.1)
+        return False
 
-    async def flush(self, *, timeout: float) -> bool:
-        """Try to send everything within `timeout`; False if that was not possible."""
-        try:
-            await asyncio.wait_for(self.drain(), timeout)
-            return True
-        except (TimeoutError, OSError, Exception) as error:
-            if isinstance(error, asyncio.CancelledError):
-                raise
-            return False
-
-    async def _send_batch(self) -> bool:
+    async def _lead(self) -> None:
+        """Hold the relay lock on one connection and send until something fails."""
         async with self._store.pool.acquire() as conn:
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    "SELECT id, config_id, event FROM lifecycle_outbox ORDER BY id LIMIT $1"
-                    " FOR UPDATE SKIP LOCKED",
-                    BATCH,
-                )
-                if not rows:
-                    return False
-                records = []
-                for row in rows:
-                    value, headers = encode_lifecycle_event(json.loads(row["event"]))
-                    records.append(
-                        OutgoingRecord(key=row["config_id"].encode(), value=value, headers=headers)
-                    )
-                await self._publisher.send_all(self._topic, records)
-                await conn.execute(
-                    "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])",
-                    [row["id"] for row in rows],
-                )
+            try:
+                while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
+                    await self._nap()
+                self.is_leader = True
+                while True:
+                    while await self._send_batch(conn):
+                        pass
+                    await self._nap()
+            finally:
+                self.is_leader = False
+                if not conn.is_closed():
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    async def _nap(self) -> None:
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
+        except TimeoutError:
+            pass
+        self._wakeup.clear()
+
+    async def _send_batch(self, conn) -> bool:
+        rows = await conn.fetch(
+            "SELECT id, config_id, event FROM lifecycle_outbox ORDER BY id LIMIT $1", BATCH
+        )
+        if not rows:
+            return False
+        records = []
+        for row in rows:
+            value, headers = encode_lifecycle_event(json.loads(row["event"]))
+            records.append(
+                OutgoingRecord(key=row["config_id"].encode(), value=value, headers=headers)
+            )
+        await asyncio.wait_for(
+            self._publisher.send_all(self._topic, records), SEND_TIMEOUT_SECONDS
+        )
+        await conn.execute(
+            "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+        )
         self.sent += len(rows)
         return len(rows) == BATCH

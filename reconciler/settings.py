@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     kafka_session_timeout_seconds: float = Field(10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS")
     kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS")
     otel_service_name: str = Field("reconciler", alias="OTEL_SERVICE_NAME")
+    # Static membership (group.instance.id): opt-in, with an explicit id that stays the
+    # same across restarts. A quick restart then moves no partition, but a departed
+    # instance is noticed only after the session timeout.
+    static_member_id: str | None = Field(None, alias="RECONCILER_STATIC_MEMBER_ID")
     log_format: Literal["text", "json"] = Field("text", alias="RECONCILER_LOG_FORMAT")
     log_level: str = Field("INFO", alias="RECONCILER_LOG_LEVEL")
 

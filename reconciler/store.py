@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("starting", "running", "stopping")
 
+# NOTIFY channel on which a released lease announces its config id.
+LEASE_CHANNEL = "reconciler_lease_released"
+
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE pull_tasks (
@@ -62,6 +65,21 @@ MIGRATIONS: list[str] = [
         config_id   text NOT NULL,
         event       jsonb NOT NULL,
         created_at  timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+    # Partition hand-over: the assigned instance claims the rows of a gained partition with
+    # its consumer-group generation; a lease holder whose row is claimed by someone else
+    # can neither renew nor take the lease. The instances table is for `status`.
+    """
+    ALTER TABLE pull_tasks ADD COLUMN claimed_by text, ADD COLUMN claimed_generation bigint;
+    CREATE TABLE reconciler_instances (
+        instance_id  text NOT NULL,
+        boot_id      text PRIMARY KEY,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        last_seen    timestamptz NOT NULL DEFAULT now(),
+        stopped_at   timestamptz,
+        partitions   integer[] NOT NULL DEFAULT '{}',
+        runs         integer NOT NULL DEFAULT 0
     );
     """,
 ]
@@ -344,6 +362,7 @@ class Store:
                       AND state NOT IN ('starting', 'running', 'stopping')
                       AND (owner IS NULL OR lease_expires_at <= now()
                            OR (owner = $3 AND owner_boot = $4))
+                      AND (claimed_by IS NULL OR claimed_by = $3)
                     RETURNING fence, config, cursor,
                         EXTRACT(EPOCH FROM (now() - last_pull_at)) AS since_last_pull
                     """,
@@ -369,30 +388,72 @@ class Store:
         )
 
     async def renew_leases(
-        self, runs: list[tuple[str, str, int]], *, lease_seconds: float
+        self, runs: list[tuple[str, str, int, int | None]], *, lease_seconds: float
     ) -> set[str]:
-        """Renew the leases of this instance's runs in one statement; returns the renewed ids."""
+        """Renew this instance's leases in one statement; returns the renewed config ids.
+
+        `runs` holds (config id, run id, fencing number, config version). A lease is renewed
+        only while the row is still this run's, the config is still enabled at the version
+        the run runs, and no other instance has claimed the config's partition: an instance
+        cut off from Kafka cannot keep a config its successor wants.
+        """
         if not runs:
             return set()
-        ids, run_ids, fences = (list(column) for column in zip(*runs))
+        ids, run_ids, fences, versions = (list(column) for column in zip(*runs))
         rows = await self._pool.fetch(
             """
-            UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $6)
-            FROM unnest($1::text[], $2::text[], $3::bigint[]) AS r(config_id, run_id, fence)
+            UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $7)
+            FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                AS r(config_id, run_id, fence, version)
             WHERE t.config_id = r.config_id AND t.run_id = r.run_id AND t.fence = r.fence
-              AND t.owner = $4 AND t.owner_boot = $5
+              AND t.owner = $5 AND t.owner_boot = $6
               AND t.state IN ('starting', 'running', 'stopping')
+              AND t.enabled AND NOT t.deleted
+              AND t.config_version IS NOT DISTINCT FROM r.version
+              AND (t.claimed_by IS NULL OR t.claimed_by = $5)
             RETURNING t.config_id
             """,
             ids,
             run_ids,
             fences,
+            versions,
             self._instance_id,
             self._boot_id,
             lease_seconds,
             timeout=self._timeout,
         )
         return {r["config_id"] for r in rows}
+
+    async def claim_partitions(self, partitions: list[int], *, generation: int) -> None:
+        """Mark the rows of newly assigned partitions as this instance's to run."""
+        await self._pool.execute(
+            """
+            UPDATE pull_tasks SET claimed_by = $2, claimed_generation = $3
+            WHERE source_partition = ANY($1::int[])
+              AND (claimed_generation IS NULL OR claimed_generation <= $3)
+              AND claimed_by IS DISTINCT FROM $2
+            """,
+            partitions,
+            self._instance_id,
+            generation,
+            timeout=self._timeout,
+        )
+
+    async def heartbeat(self, *, partitions: list[int], runs: int, stopped: bool = False) -> None:
+        await self._pool.execute(
+            """
+            INSERT INTO reconciler_instances (instance_id, boot_id, partitions, runs)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (boot_id) DO UPDATE SET last_seen = now(), partitions = $3, runs = $4,
+                stopped_at = CASE WHEN $5 THEN now() END
+            """,
+            self._instance_id,
+            self._boot_id,
+            partitions,
+            runs,
+            stopped,
+            timeout=self._timeout,
+        )
 
     async def mark_stopping(self, config_id: str, *, run_id: str, fence: int) -> None:
         await self._pool.execute(
@@ -489,42 +550,59 @@ class Store:
                 return True
 
     async def release_lease(self, config_id: str, *, run_id: str, fence: int) -> None:
-        await self._pool.execute(
-            """
-            UPDATE pull_tasks SET owner = NULL, owner_boot = NULL, lease_expires_at = NULL,
-                state = CASE WHEN deleted THEN 'deleted' ELSE state END, updated_at = now()
-            WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $4
-              AND owner_boot = $5 AND state NOT IN ('starting', 'running', 'stopping')
-            """,
-            config_id,
-            run_id,
-            fence,
-            self._instance_id,
-            self._boot_id,
-            timeout=self._timeout,
-        )
+        """Give up an ended run's lease and wake whoever waits for it."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                released = await conn.fetchval(
+                    """
+                    UPDATE pull_tasks SET owner = NULL, owner_boot = NULL,
+                        lease_expires_at = NULL,
+                        state = CASE WHEN deleted THEN 'deleted' ELSE state END,
+                        updated_at = now()
+                    WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $4
+                      AND owner_boot = $5
+                      AND state NOT IN ('starting', 'running', 'stopping')
+                    RETURNING true
+                    """,
+                    config_id,
+                    run_id,
+                    fence,
+                    self._instance_id,
+                    self._boot_id,
+                )
+                if released:
+                    await conn.execute("SELECT pg_notify($1, $2)", LEASE_CHANNEL, config_id)
 
-    async def save_cursor(self, config_id: str, *, run_id: str, fence: int, cursor: str) -> None:
+    async def save_cursor(
+        self, config_id: str, *, run_id: str, fence: int, source: Config, cursor: str
+    ) -> None:
+        """Save a page's cursor, unless the desired state moved to another source meanwhile.
+
+        A cursor belongs to a source (`url`, `channel_id`, `product_id`): when a change of
+        those has cleared the saved cursor, a run still on the old source must not write
+        its cursor back; its restart follows.
+        """
         await self._fenced_update(
-            "cursor = $4", config_id, run_id, fence, cursor
+            f"cursor = CASE WHEN {_SAME_SOURCE} THEN $4 ELSE cursor END",
+            config_id, run_id, fence, cursor, source,
         )
 
     async def record_successful_pull(
-        self, config_id: str, *, run_id: str, fence: int, seconds_ago: float
+        self, config_id: str, *, run_id: str, fence: int, source: Config, seconds_ago: float
     ) -> None:
         """The pull that began `seconds_ago` ended well: it is the new last pull."""
         await self._fenced_update(
-            "last_pull_at = now() - make_interval(secs => $4), attempts = 0, retry_at = NULL,"
-            " last_error = NULL",
-            config_id,
-            run_id,
-            fence,
-            seconds_ago,
+            f"last_pull_at = CASE WHEN {_SAME_SOURCE}"
+            " THEN now() - make_interval(secs => $4) ELSE last_pull_at END,"
+            " attempts = 0, retry_at = NULL, last_error = NULL",
+            config_id, run_id, fence, seconds_ago, source,
         )
 
     async def _fenced_update(
-        self, assignments: str, config_id: str, run_id: str, fence: int, value: Any
+        self, assignments: str, config_id: str, run_id: str, fence: int, value: Any,
+        source: Config,
     ) -> None:
+        url, channel_id, product_id = _source_identity(source)
         done = await self._pool.fetchval(
             f"""
             UPDATE pull_tasks SET {assignments}, updated_at = now()
@@ -538,6 +616,9 @@ class Store:
             value,
             self._instance_id,
             self._boot_id,
+            url,
+            channel_id,
+            product_id,
             timeout=self._timeout,
         )
         if not done:
@@ -557,6 +638,12 @@ class Store:
             "SELECT count(*) FROM lifecycle_outbox", timeout=self._timeout
         )
 
+
+# The desired state still names the source a run pulls from ($7 url, $8 channel, $9 product).
+_SAME_SOURCE = (
+    "(NOT deleted AND config->'source'->>'url' = $7 AND config->>'channel_id' = $8"
+    " AND config->>'product_id' = $9)"
+)
 
 _ROW_COLUMNS = """
     config_id, enabled, deleted, config, config_version, state, run_id, fence, owner,

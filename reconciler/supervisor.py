@@ -121,21 +121,23 @@ class Supervisor:
         return Outcome(Ending.FAILED, error=f"loop crashed: {type(error).__name__}: {text}")
 
     async def renew_leases(self) -> None:
-        """Renew every live local lease in one statement; runs not renewed lose it now."""
+        """Renew every live local lease in one statement.
+
+        A run whose row was not renewed keeps its current deadline and stops at it
+        (`lease-lost`) unless a reconcile stops it first with a better reason.
+        """
         live = [run for run in self.runs.values() if not run.task.done()]
         if not live:
             return
         sent = time.monotonic()
         renewed = await self._store.renew_leases(
-            [(run.config.id, run.run_id, run.fence) for run in live],
+            [(run.config.id, run.run_id, run.fence, run.config.version) for run in live],
             lease_seconds=self._lease_seconds,
         )
         deadline = sent + self._lease_seconds - self._lease_margin
         for run in live:
             if run.config.id in renewed:
                 run.lease_deadline = max(run.lease_deadline, deadline)
-            else:
-                run.lease_deadline = 0.0
         self.enforce_deadlines()
 
     def enforce_deadlines(self) -> None:

@@ -44,6 +44,7 @@ class ConfigRecord:
 
 RecordHandler = Callable[[ConfigRecord], Awaitable[None]]
 PartitionsHandler = Callable[[set[int]], Awaitable[None]]
+AssignmentHandler = Callable[[set[int], int], Awaitable[None]]
 
 
 class ConfigStream:
@@ -54,7 +55,7 @@ class ConfigStream:
         topic: str,
         group_id: str,
         handle_record: RecordHandler,
-        on_assigned: PartitionsHandler,
+        on_assigned: AssignmentHandler,
         on_revoked: PartitionsHandler,
         session_timeout: float = 10.0,
         heartbeat_interval: float = 3.0,
@@ -128,7 +129,9 @@ class ConfigStream:
 
     async def _assigned(self, app: faust.App, assigned: set, **_: object) -> None:
         partitions = {tp.partition for tp in assigned if tp.topic == self._topic_name}
-        await self._on_assigned(partitions)
+        # faust records the consumer-group generation of this assignment on the app.
+        generation = int(getattr(app, "consumer_generation_id", 0) or 0)
+        await self._on_assigned(partitions, generation)
 
     async def _revoked(self, app: faust.App, revoked: set, **_: object) -> None:
         partitions = {tp.partition for tp in revoked if tp.topic == self._topic_name}

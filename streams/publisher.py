@@ -60,5 +60,15 @@ class Publisher:
         ]
         await asyncio.gather(*pending)
 
+    async def reaches_broker(self, *, timeout: float) -> bool:
+        """True when a metadata request to the cluster succeeds within `timeout`."""
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+
     async def partitions_for(self, topic: str) -> set[int]:
         return await self._producer.partitions_for(topic)
