@@ -259,6 +259,9 @@ class _Kafka:
         self.folder = folder
         self.port = port
         self.controller_port = controller_port
+        # The relayed listener and the port a relay in front of it listens on.
+        self.relayed_port = port + 2
+        self.relay_port = port + 3
         self.pom = pom
         self.jars = folder / "jars"
         self.jars_stamp = folder / "jars.pom-sha256"
@@ -288,6 +291,7 @@ class _Kafka:
         """Checks what a start needs; returns the `java` command to run."""
         _refuse_taken_port(self.port, hint=KAFKA_HINT)
         _refuse_taken_port(self.controller_port, hint=KAFKA_HINT)
+        _refuse_taken_port(self.relayed_port, hint=KAFKA_HINT)
         return _find_java()
 
     def start(self, *, java: str, progress: Progress) -> None:
@@ -411,13 +415,22 @@ class _Kafka:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{LOOPBACK}:{self.controller_port}",
+            # RELAYED serves clients that reach the broker through a TCP relay listening on
+            # the advertised port (tests cut one instance off from Kafka by cutting the
+            # relay); nothing listens there unless a test starts a relay.
             "listeners": (
-                f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port}"
+                f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port},"
+                f"RELAYED://{LOOPBACK}:{self.relayed_port}"
             ),
-            "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{self.port}",
+            "advertised.listeners": (
+                f"PLAINTEXT://{LOOPBACK}:{self.port},"
+                f"RELAYED://{LOOPBACK}:{self.relay_port}"
+            ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,RELAYED:PLAINTEXT"
+            ),
             "log.dirs": str(self.data),
             # One broker: every internal topic has one replica.
             "offsets.topic.replication.factor": "1",
