@@ -149,6 +149,11 @@ class LocalStack:
         self._postgres = _Postgres(folder=self.root / "postgres", port=postgres_port)
 
     @property
+    def kafka_relay_ports(self) -> tuple[int, int]:
+        """(port a test's relay listens on, port of the broker listener it forwards to)."""
+        return self._kafka.relay_port, self._kafka.relayed_port
+
+    @property
     def endpoints(self) -> StackEndpoints:
         """The addresses of this stack, whether it runs or not."""
         return StackEndpoints(

@@ -21,21 +21,47 @@ from tests.integration.harness import Deployment
 
 
 @pytest.fixture(scope="session")
-def endpoints() -> dict[str, str]:
+def local_stack():
+    """The local stack the tests run on, or None when the environment names other servers."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("DATABASE_URL"):
-        yield {
+        yield None
+        return
+    from reconciler.localstack import LocalStack, default_stack, project_root
+
+    # RECONCILER_TEST_STACK=<kafka port>,<controller port>,<postgres port> runs the session
+    # on a stack of its own (in .stack-<kafka port>/), beside the default one.
+    ports = os.environ.get("RECONCILER_TEST_STACK")
+    if ports:
+        kafka, controller, postgres = (int(p) for p in ports.split(","))
+        stack = LocalStack(root=project_root() / f".stack-{kafka}", kafka_port=kafka,
+                           kafka_controller_port=controller, postgres_port=postgres)
+    else:
+        stack = default_stack()
+    was_running = stack.is_running()
+    stack.up(progress=print)
+    yield stack
+    if not was_running and os.environ.get("RECONCILER_TEST_KEEP_STACK") != "1":
+        stack.down(progress=print)
+
+
+@pytest.fixture(scope="session")
+def endpoints(local_stack) -> dict[str, str]:
+    if local_stack is None:
+        return {
             "KAFKA_BOOTSTRAP_SERVERS": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
             "DATABASE_URL": os.environ["DATABASE_URL"],
         }
-        return
-    from reconciler.localstack import default_stack
+    return local_stack.env()
 
-    stack = default_stack()
-    was_running = stack.is_running()
-    stack.up(progress=print)
-    yield stack.env()
-    if not was_running and os.environ.get("RECONCILER_TEST_KEEP_STACK") != "1":
-        stack.down(progress=print)
+
+@pytest.fixture
+def stack(local_stack):
+    """The local stack, for tests that stop, restart or cut off its servers."""
+    if local_stack is None:
+        pytest.skip("needs the local stack (KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set)")
+    yield local_stack
+    # Whatever a test stopped runs again for the next one.
+    local_stack.up()
 
 
 @pytest.fixture
