@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 from opentelemetry import trace
 from opentelemetry.propagate import inject
@@ -29,7 +30,7 @@ from opentelemetry.propagate import inject
 from streams.configs import Config
 from streams.publisher import OutgoingRecord, Publisher
 from reconciler.source import OrderSource, Page, RunIdentity
-from reconciler.store import Store
+from reconciler.store import Fenced, Store
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("reconciler.loop")
@@ -90,13 +91,13 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
     while True:
         started = time.monotonic()
         await pull(run, services)
-        await services.store.record_successful_pull(
+        await _write(run, lambda: services.store.record_successful_pull(
             run.config.id,
             run_id=run.run_id,
             fence=run.fence,
             source=run.config,
             seconds_ago=time.monotonic() - started,
-        )
+        ))
         run.pulled += 1
         await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
@@ -111,7 +112,11 @@ async def pull(run: Run, services: LoopServices) -> None:
         while True:
             run.check_lease()
             page = await services.source.fetch_page(
-                run.config, run=run.identity, cursor=run.cursor, traceparent=_traceparent()
+                run.config,
+                run=run.identity,
+                cursor=run.cursor,
+                traceparent=_traceparent(),
+                may_send=run.check_lease,
             )
             if not page.orders:
                 if page.next_cursor is not None and page.next_cursor != run.cursor:
@@ -122,6 +127,7 @@ async def pull(run: Run, services: LoopServices) -> None:
 
 
 async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
+    run.check_lease()
     config = run.config
     headers = [("config-id", config.id.encode()), ("run-id", run.run_id.encode())]
     traceparent = _traceparent()
@@ -142,10 +148,36 @@ async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
 
 
 async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:
-    await services.store.save_cursor(
+    await _write(run, lambda: services.store.save_cursor(
         run.config.id, run_id=run.run_id, fence=run.fence, source=run.config, cursor=cursor
-    )
+    ))
     run.cursor = cursor
+
+
+async def _write(run: Run, operation: Callable[[], Awaitable[None]]) -> None:
+    """A run's own database write, retried while its lease lasts.
+
+    The database being away is not the run's failure: the run keeps trying until its lease
+    deadline, and then stops as `lease-lost` like every run whose lease cannot be renewed.
+    A stale fencing number is final.
+    """
+    delay = 0.1
+    while True:
+        run.check_lease()
+        try:
+            await operation()
+            return
+        except (Fenced, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            log.warning(
+                "could not write to the database (%s); retrying in %.1f s while the lease lasts",
+                " ".join(str(error).split()) or type(error).__name__,
+                delay,
+                extra={"config_id": run.config.id, "run_id": run.run_id},
+            )
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 async def _uninterrupted(coro) -> None:

@@ -1,13 +1,15 @@
 """The outbox relay: sends lifecycle events from `lifecycle_outbox` to `<p>.task-events`.
 
 Events are written by the store in the same transaction as the state change they report, so
-none is lost when Kafka is away: they wait in the table. One relay in the deployment sends
-at a time: whichever instance holds a PostgreSQL advisory lock. It sends rows in id order
-with the idempotent producer, waits for the acknowledgement, then deletes them. A single
-sender in id order keeps every config's events in the order of its state changes (the row
-lock of the config serialises those), so a successor's `started` never overtakes the
-`stopped` of the run before it, even across instances. A relay that cannot reach Kafka
-gives the lock up, so an instance cut off from the broker does not hold everyone's events.
+none is lost when Kafka is away: they wait in the table. Each batch is sent inside one
+transaction that holds a PostgreSQL advisory lock, so only one relay in the deployment
+sends at a time: it takes the oldest rows in id order, sends them with the idempotent
+producer, waits for the acknowledgement and deletes them before committing. A single sender
+in id order keeps every config's events in the order of its state changes (the config's row
+lock serialises those), so a successor's `started` never overtakes the `stopped` of the run
+before it, even across instances. The lock lasts one batch only, and the relay's session
+is ended by PostgreSQL if it sits in that transaction too long, so an instance that froze or
+lost the broker mid-batch does not hold everyone's events.
 """
 
 from __future__ import annotations
@@ -35,29 +37,9 @@ class OutboxRelay:
         self._topic = topic
         self._wakeup = asyncio.Event()
         self.sent = 0
-        self.is_leader = False
 
     def wake(self) -> None:
         self._wakeup.set()
-
-    async def run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._lead()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                failures += 1
-                delay = min(10.0, 0.5 * 2**failures)
-                log.warning(
-                    "could not send lifecycle events (%s); they wait in the outbox, retrying "
-                    "in %.1f s",
-                    " ".join(str(error).split()) or type(error).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
 
     async def wait_until_sent(self, *, timeout: float) -> bool:
         """Wait, bounded, until the outbox is empty; for a graceful shutdown."""
@@ -73,21 +55,26 @@ class OutboxRelay:
             await asyncio.sleep(0.1)
         return False
 
-    async def _lead(self) -> None:
-        """Hold the relay lock on one connection and send until something fails."""
-        async with self._store.pool.acquire() as conn:
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await self._nap()
             try:
-                while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
-                    await self._nap()
-                self.is_leader = True
-                while True:
-                    while await self._send_batch(conn):
-                        pass
-                    await self._nap()
-            finally:
-                self.is_leader = False
-                if not conn.is_closed():
-                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                while await self._send_batch():
+                    pass
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                failures += 1
+                delay = min(10.0, 0.5 * 2**failures)
+                log.warning(
+                    "could not send lifecycle events (%s); they wait in the outbox, retrying "
+                    "in %.1f s",
+                    " ".join(str(error).split()) or type(error).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _nap(self) -> None:
         try:
@@ -96,23 +83,39 @@ class OutboxRelay:
             pass
         self._wakeup.clear()
 
-    async def _send_batch(self, conn) -> bool:
-        rows = await conn.fetch(
-            "SELECT id, config_id, event FROM lifecycle_outbox ORDER BY id LIMIT $1", BATCH
-        )
-        if not rows:
-            return False
-        records = []
-        for row in rows:
-            value, headers = encode_lifecycle_event(json.loads(row["event"]))
-            records.append(
-                OutgoingRecord(key=row["config_id"].encode(), value=value, headers=headers)
-            )
-        await asyncio.wait_for(
-            self._publisher.send_all(self._topic, records), SEND_TIMEOUT_SECONDS
-        )
-        await conn.execute(
-            "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-        )
+    async def _send_batch(self) -> bool:
+        """Send one batch if no other relay is sending; True when more may be waiting."""
+        async with self._store.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    f"SET LOCAL idle_in_transaction_session_timeout = "
+                    f"'{int(SEND_TIMEOUT_SECONDS * 1000 + 5000)}ms'"
+                )
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK):
+                    # Another relay is sending, in order, everything committed so far;
+                    # look again shortly for what it may not have seen.
+                    self._wakeup.set()
+                    await asyncio.sleep(0.05)
+                    return False
+                rows = await conn.fetch(
+                    "SELECT id, config_id, event FROM lifecycle_outbox ORDER BY id LIMIT $1",
+                    BATCH,
+                )
+                if not rows:
+                    return False
+                records = []
+                for row in rows:
+                    value, headers = encode_lifecycle_event(json.loads(row["event"]))
+                    records.append(
+                        OutgoingRecord(key=row["config_id"].encode(), value=value,
+                                       headers=headers)
+                    )
+                await asyncio.wait_for(
+                    self._publisher.send_all(self._topic, records), SEND_TIMEOUT_SECONDS
+                )
+                await conn.execute(
+                    "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])",
+                    [r["id"] for r in rows],
+                )
         self.sent += len(rows)
         return len(rows) == BATCH

@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import aiohttp
 
@@ -57,7 +58,11 @@ class OrderSource:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=30)
         self._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, auto_decompress=True, raise_for_status=False
+            connector=connector,
+            trust_env=False,
+            auto_decompress=True,
+            raise_for_status=False,
+            trace_configs=[_last_moment_check()],
         )
 
     async def close(self) -> None:
@@ -71,7 +76,11 @@ class OrderSource:
         run: RunIdentity,
         cursor: str | None,
         traceparent: str | None,
+        may_send: Callable[[], None] = lambda: None,
     ) -> Page:
+        """Ask for one page. `may_send` is called once more right before the request is
+        written to its connection and raises to keep it from being sent (a lease ran out
+        while a connection was being set up)."""
         assert self._session is not None, "OrderSource.start() was not awaited"
         params = {"channel_id": config.channel_id, "product_id": config.product_id}
         if cursor is not None:
@@ -92,7 +101,11 @@ class OrderSource:
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.get(
-                    config.source.url, params=params, headers=headers, allow_redirects=False
+                    config.source.url,
+                    params=params,
+                    headers=headers,
+                    allow_redirects=False,
+                    trace_request_ctx={"may_send": may_send},
                 ) as response:
                     if response.status != 200:
                         raise PullFailed(
@@ -132,6 +145,20 @@ class OrderSource:
             return f"Bearer {secret}"
         user, _, password = secret.partition(":")
         return aiohttp.BasicAuth(user, password).encode()
+
+
+def _last_moment_check() -> aiohttp.TraceConfig:
+    """A trace hook that runs `may_send` once the connection is ready, just before the
+    request goes out: connecting can take long enough for a lease to run out."""
+
+    async def check(_session: object, context: Any, _params: object) -> None:
+        request_context = context.trace_request_ctx or {}
+        request_context.get("may_send", lambda: None)()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(check)
+    trace.on_connection_create_end.append(check)
+    return trace
 
 
 def parse_page(body: bytes) -> Page:

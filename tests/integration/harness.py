@@ -214,3 +214,37 @@ async def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def end_counts(events: list[dict]) -> dict[str, int]:
+    """For every run with a `started` event: how many end events it has."""
+    counts = {e["data"]["run_id"]: 0 for e in events if e["type"] == "pull.task.started"}
+    for event in events:
+        if event["type"] != "pull.task.started":
+            run_id = event["data"]["run_id"]
+            counts[run_id] = counts.get(run_id, 0) + 1
+    return counts
+
+
+def active_runs(events: list[dict]) -> dict[str, str]:
+    """Config id → run id of runs that started and have not ended, by the events."""
+    active: dict[str, str] = {}
+    ended = {e["data"]["run_id"] for e in events if e["type"] != "pull.task.started"}
+    for event in events:
+        if event["type"] == "pull.task.started" and event["data"]["run_id"] not in ended:
+            active[event["subject"]] = event["data"]["run_id"]
+    return active
+
+
+async def rows(database_url: str) -> dict[str, dict]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        found = await conn.fetch(
+            "SELECT *, EXTRACT(EPOCH FROM (lease_expires_at - now()))::float8 AS lease_left"
+            " FROM pull_tasks"
+        )
+    except asyncpg.UndefinedTableError:
+        return {}  # no instance has created the schema yet
+    finally:
+        await conn.close()
+    return {r["config_id"]: dict(r) for r in found}

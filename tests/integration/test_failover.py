@@ -1,0 +1,297 @@
+"""Several `reconciler run` processes in one group: partitioned ownership, failover after
+kills, freezes and cut connections, and never two runs of one config at once.
+
+Overlap is measured at the sample order source, which records every request's run id and
+time: two run ids of one config with requests interleaved in time are a violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+
+import pytest
+
+from tests.integration.harness import (
+    Deployment,
+    active_runs,
+    end_counts,
+    rows,
+    wait_for,
+)
+from tests.integration.relay import Relay
+
+pytestmark = pytest.mark.integration
+
+# The contract's bound for a vanished instance is 20 s with default settings; tests allow
+# a margin for a loaded two-core machine.
+FAILOVER_BOUND = 20.0
+MARGIN = 10.0
+
+
+async def all_running(deployment: Deployment, ids: list[str]) -> dict[str, dict]:
+    found = await rows(deployment.settings.database_url)
+    if all(found.get(i, {}).get("state") == "running" and found[i]["owner"] for i in ids):
+        return found
+    return {}
+
+
+async def publish(deployment: Deployment, count: int, *, interval: float) -> list[str]:
+    ids = [f"cfg-{n:03d}" for n in range(count)]
+    for config_id in ids:
+        await deployment.put(config_id, interval=interval,
+                             channel=f"shop-{hash(config_id) % 7}")
+    return ids
+
+
+def spawn_group(deployment: Deployment, names: list[str], **env: str) -> dict:
+    return {name: deployment.spawn_instance(instance_id=name, **env) for name in names}
+
+
+async def stop_all(deployment: Deployment, processes: dict) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+    for process in processes.values():
+        await asyncio.to_thread(process.wait, 60)
+
+
+async def every_start_has_one_end(deployment: Deployment) -> dict[str, int]:
+    counts = end_counts(deployment.events)
+    if all(count == 1 for count in counts.values()):
+        return counts
+    return {}
+
+
+async def test_three_instances_run_each_of_200_configs_exactly_once_spread_over_them(
+    deployment: Deployment,
+) -> None:
+    processes = spawn_group(deployment, ["a", "b", "c"])
+    ids = await publish(deployment, 200, interval=2.0)
+
+    async def spread_and_running() -> dict[str, dict]:
+        found = await all_running(deployment, ids)
+        return found if {r["owner"] for r in found.values()} == {"a", "b", "c"} else {}
+
+    await wait_for(spread_and_running, timeout=90, what="all 200 configs running on a, b, c")
+    await asyncio.sleep(3.0)
+    found = await wait_for(spread_and_running, timeout=30, what="a steady state")
+
+    owners = collections.Counter(row["owner"] for row in found.values())
+    assert set(owners) == {"a", "b", "c"}, owners
+    assert all(count >= 20 for count in owners.values()), owners
+    # Instances joined one after another, so some configs moved (`reassigned`) on the way;
+    # what counts is one active run per config, the one the table names, and no overlap.
+    active = active_runs(deployment.events)
+    assert {i: found[i]["run_id"] for i in ids} == {i: active.get(i) for i in ids}
+    assert deployment.source.overlaps() == []
+
+    await stop_all(deployment, processes)
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="an end event for every run")
+
+
+async def test_killed_instance_configs_run_elsewhere_within_the_bound_without_overlap(
+    deployment: Deployment,
+) -> None:
+    processes = spawn_group(deployment, ["a", "b", "c"])
+    ids = await publish(deployment, 60, interval=1.0)
+    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                           what="all configs running")
+    await asyncio.sleep(2.0)
+    victim = collections.Counter(r["owner"] for r in found.values()).most_common(1)[0][0]
+    orphaned = {i: r["run_id"] for i, r in found.items() if r["owner"] == victim}
+
+    killed_at = time.monotonic()
+    processes[victim].send_signal(signal.SIGKILL)
+
+    def moved() -> bool:
+        active = active_runs(deployment.events)
+        return all(active.get(i) not in (None, run) for i, run in orphaned.items())
+
+    await wait_for(moved, timeout=FAILOVER_BOUND + MARGIN, what="orphaned configs restarted")
+    elapsed = time.monotonic() - killed_at
+    print(f"failover after SIGKILL took {elapsed:.1f} s for {len(orphaned)} configs")
+
+    # Every vanished run was ended by its new owner, in the record, as lease-expired.
+    for config_id, run_id in orphaned.items():
+        ends = [e for e in deployment.events_of(config_id) if e["type"] != "pull.task.started"
+                and e["data"]["run_id"] == run_id]
+        assert [(e["data"]["reason"], e["data"]["instance_id"]) for e in ends] == [
+            ("lease-expired", victim)
+        ]
+        assert ends[0]["source"] != f"reconciler/{victim}"
+    await asyncio.sleep(2.0)
+    assert deployment.source.overlaps() == []
+
+    await stop_all(deployment, processes)
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="one end event per run")
+
+
+async def test_frozen_instance_is_replaced_and_after_thawing_sends_and_publishes_nothing(
+    deployment: Deployment,
+) -> None:
+    processes = spawn_group(deployment, ["a", "b"])
+    ids = await publish(deployment, 30, interval=0.5)
+    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                           what="all configs running")
+    await asyncio.sleep(1.0)
+    frozen = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
+    assert frozen
+
+    processes["a"].send_signal(signal.SIGSTOP)
+
+    def taken_over() -> bool:
+        return all(
+            any(e["data"]["run_id"] == run and e["data"]["reason"] == "lease-expired"
+                for e in deployment.events_of(i, "stopped"))
+            for i, run in frozen.items()
+        )
+
+    await wait_for(taken_over, timeout=FAILOVER_BOUND + MARGIN,
+                   what="the frozen runs ended as lease-expired")
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
+                               for i, run in frozen.items()),
+                   timeout=FAILOVER_BOUND + MARGIN, what="frozen configs running elsewhere")
+
+    thawed_at = time.monotonic()
+    orders_before = len(deployment.orders)
+    processes["a"].send_signal(signal.SIGCONT)
+    await asyncio.sleep(8.0)
+
+    stale_runs = set(frozen.values())
+    late = [r for r in deployment.source.requests()
+            if r.run_id in stale_runs and r.started >= thawed_at]
+    assert late == []
+    published = [r for r in deployment.orders[orders_before:]
+                 if dict(r.headers).get("run-id", b"").decode() in stale_runs]
+    assert published == []
+    for config_id, run_id in frozen.items():
+        ends = [e for e in deployment.events_of(config_id)
+                if e["type"] != "pull.task.started" and e["data"]["run_id"] == run_id]
+        assert len(ends) == 1, ends
+    assert deployment.source.overlaps() == []
+
+    await stop_all(deployment, processes)
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="one end event per run")
+
+
+async def test_instance_cut_off_from_kafka_hands_its_configs_over_and_stops_its_runs(
+    deployment: Deployment, stack,
+) -> None:
+    relay_port, relayed_port = stack.kafka_relay_ports
+    relay = Relay(target_port=relayed_port, listen_port=relay_port)
+    await relay.start()
+    try:
+        processes = {
+            "a": deployment.spawn_instance(
+                instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}"
+            ),
+            "b": deployment.spawn_instance(instance_id="b"),
+        }
+        ids = await publish(deployment, 30, interval=0.5)
+        found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                               what="all configs running")
+        await wait_for(lambda: all_running(deployment, ids), timeout=30,
+                       what="a steady state")
+        cut_off = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
+        assert cut_off
+
+        cut_at = time.monotonic()
+        relay.cut()
+
+        await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
+                                   for i, run in cut_off.items()),
+                       timeout=FAILOVER_BOUND + MARGIN, what="configs moved to b")
+        print(f"hand-over after cutting a off from Kafka took {time.monotonic() - cut_at:.1f} s")
+        await asyncio.sleep(2.0)
+        stale = set(cut_off.values())
+        assert not any(r.run_id in stale and r.started > time.monotonic() - 1.5
+                       for r in deployment.source.requests())
+        assert deployment.source.overlaps() == []
+
+        relay.restore()
+        await stop_all(deployment, processes)
+        await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                       what="one end event per run")
+    finally:
+        await relay.stop()
+
+
+async def test_instance_cut_off_from_postgresql_stops_its_runs_before_their_leases_expire(
+    deployment: Deployment, stack,
+) -> None:
+    port = int(deployment.settings.database_url.rsplit(":", 1)[1].split("/")[0])
+    relay = Relay(target_port=port)
+    await relay.start()
+    relayed_url = deployment.settings.database_url.replace(f":{port}/", f":{relay.listen_port}/")
+    try:
+        process = deployment.spawn_instance(instance_id="a", DATABASE_URL=relayed_url)
+        ids = await publish(deployment, 10, interval=0.3)
+        found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                               what="all configs running")
+        await asyncio.sleep(1.0)
+        runs = {i: r["run_id"] for i, r in found.items()}
+
+        relay.cut()
+        cut_at = time.monotonic()
+        leases = await rows(deployment.settings.database_url)
+        expiry = {i: cut_at + leases[i]["lease_left"] for i in ids}
+
+        await asyncio.sleep(12.0)
+        for config_id, run_id in runs.items():
+            last = max(r.ended for r in deployment.source.requests_for(config_id)
+                       if r.run_id == run_id)
+            assert last < expiry[config_id], (config_id, last - cut_at,
+                                              expiry[config_id] - cut_at)
+
+        relay.restore()
+        await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
+                                   for i, run in runs.items()),
+                       timeout=40, what="configs running again after the database is back")
+        ends = [e for i, run in runs.items() for e in deployment.events_of(i)
+                if e["type"] == "pull.task.stopped" and e["data"]["run_id"] == run]
+        assert {e["data"]["reason"] for e in ends} == {"lease-lost"}
+        assert len(ends) == len(runs)
+        assert deployment.source.overlaps() == []
+
+        await stop_all(deployment, {"a": process})
+        await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                       what="one end event per run")
+    finally:
+        await relay.stop()
+
+
+async def test_sigterm_hands_configs_to_the_successor_within_five_seconds(
+    deployment: Deployment,
+) -> None:
+    processes = spawn_group(deployment, ["a", "b"])
+    ids = await publish(deployment, 30, interval=0.5)
+    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                           what="all configs running")
+    await asyncio.sleep(1.0)
+    leaving = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
+
+    stopped_at = time.monotonic()
+    processes["a"].send_signal(signal.SIGTERM)
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
+                               for i, run in leaving.items()),
+                   timeout=5.0 + MARGIN, what="configs running on b")
+    elapsed = time.monotonic() - stopped_at
+    print(f"hand-over after SIGTERM took {elapsed:.1f} s for {len(leaving)} configs")
+    assert await asyncio.to_thread(processes["a"].wait, 30) == 0
+    for config_id, run_id in leaving.items():
+        ends = [e["data"]["reason"] for e in deployment.events_of(config_id)
+                if e["type"] != "pull.task.started" and e["data"]["run_id"] == run_id]
+        assert ends in (["shutdown"], ["reassigned"])
+    assert deployment.source.overlaps() == []
+
+    await stop_all(deployment, processes)
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="one end event per run")
