@@ -275,7 +275,7 @@ config_delete = _change_command("delete", "Delete CONFIG_ID: publish a tombstone
 def status(as_json: bool) -> None:
     """Print the running-task table."""
     settings = load_settings()
-    rows = run_async(_status_rows(settings), settings)
+    rows, instances = run_async(_status_rows(settings), settings)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str))
@@ -292,16 +292,41 @@ def status(as_json: bool) -> None:
             (row["last_error"] or "")[:60],
         )
     out.print(table)
+    for line in _instance_lines(instances, rows):
+        click.echo(line)
+
+
+def _instance_lines(instances: list[dict], rows: list[dict]) -> list[str]:
+    """One line per instance seen in the last ten minutes: what it holds and runs."""
+    held: dict[str, int] = {}
+    for row in rows:
+        if row["owner"] and row["state"] in ("running", "stopping"):
+            held[row["owner"]] = held.get(row["owner"], 0) + 1
+    lines = []
+    for instance in instances:
+        if instance["stopped"]:
+            status = "stopped"
+        elif instance["seen_seconds_ago"] > 30:
+            status = f"silent for {instance['seen_seconds_ago']:.0f} s"
+        else:
+            status = f"alive, seen {instance['seen_seconds_ago']:.1f} s ago"
+        partitions = ",".join(str(p) for p in instance["partitions"]) or "none"
+        lines.append(
+            f"instance {instance['instance_id']} (boot {instance['boot_id'][:8]}): {status}; "
+            f"partitions {partitions}; {held.get(instance['instance_id'], 0)} leases held"
+        )
+    return lines
 
 
 def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.1f} s"
 
 
-async def _status_rows(settings: Settings) -> list[dict]:
+async def _status_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
     import asyncpg
 
     conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
+    instances: list = []
     try:
         rows = await conn.fetch(
             """
@@ -312,11 +337,20 @@ async def _status_rows(settings: Settings) -> list[dict]:
             FROM pull_tasks ORDER BY config_id
             """
         )
+        instances = await conn.fetch(
+            """
+            SELECT instance_id, boot_id, partitions, stopped_at IS NOT NULL AS stopped,
+                   EXTRACT(EPOCH FROM (now() - last_seen))::float8 AS seen_seconds_ago
+            FROM reconciler_instances
+            WHERE last_seen > now() - interval '10 minutes'
+            ORDER BY instance_id, started_at
+            """
+        )
     except asyncpg.UndefinedTableError:
         rows = []
     finally:
         await conn.close()
-    return [dict(row) for row in rows]
+    return [dict(row) for row in rows], [dict(row) for row in instances]
 
 
 @main.command()

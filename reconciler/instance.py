@@ -114,6 +114,7 @@ class Instance:
             timeout=settings.db_timeout_seconds,
         )
         await self.store.migrate()
+        await self.store.heartbeat(partitions=[], runs=0)
         await ensure_topics(connection, self.topics, config_partitions=settings.config_partitions)
 
         self.publisher = Publisher(connection)

@@ -155,3 +155,17 @@ async def test_status_exits_1_naming_postgresql_when_the_database_cannot_be_reac
     assert result.returncode == 1
     assert "PostgreSQL at 127.0.0.1:1/nowhere" in result.stderr
     assert "secret" not in result.stderr
+
+
+async def test_status_prints_one_line_per_live_instance(deployment: Deployment) -> None:
+    await deployment.start_instance()
+    await deployment.put("a", interval=0.5)
+    await wait_for(lambda: deployment.events_of("a", "started"), timeout=15, what="start")
+
+    result = await cli(deployment, "status")
+
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if l.startswith("instance ")]
+    assert len(line) == 1
+    assert line[0].startswith(f"instance {deployment.settings.instance_id} (boot ")
+    assert "alive" in line[0] and "1 leases held" in line[0]
