@@ -60,3 +60,6 @@ def setup_logging(*, level: str = "INFO", json_format: bool = False) -> None:
     # The client libraries are chatty at INFO about every rebalance step.
     for name in ("aiokafka", "faust", "mode", "kafka"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # asyncpg's pool logs a traceback for every failed reconnect; the instance reports a
+    # database outage itself, once per affected operation.
+    logging.getLogger("asyncpg").setLevel(max(logging.ERROR, root.level))

@@ -162,6 +162,7 @@ async def _write(run: Run, operation: Callable[[], Awaitable[None]]) -> None:
     A stale fencing number is final.
     """
     delay = 0.1
+    level = logging.WARNING
     while True:
         run.check_lease()
         try:
@@ -170,12 +171,14 @@ async def _write(run: Run, operation: Callable[[], Awaitable[None]]) -> None:
         except (Fenced, asyncio.CancelledError):
             raise
         except Exception as error:
-            log.warning(
+            log.log(
+                level,
                 "could not write to the database (%s); retrying in %.1f s while the lease lasts",
                 " ".join(str(error).split()) or type(error).__name__,
                 delay,
                 extra={"config_id": run.config.id, "run_id": run.run_id},
             )
+            level = logging.DEBUG  # once per run is enough to tell the outage
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 

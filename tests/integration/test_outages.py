@@ -1,0 +1,105 @@
+"""The broker and the database restarted underneath running instances, under steady load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import pytest
+
+from tests.integration.harness import Deployment, active_runs, end_counts, rows, wait_for
+from tests.integration.test_failover import stop_all
+
+pytestmark = pytest.mark.integration
+
+
+class SteadyLoad:
+    """Publishes config changes without pause, each retried until the broker acknowledged
+    it, and remembers the last acknowledged desired state of every config."""
+
+    def __init__(self, deployment: Deployment, ids: list[str]) -> None:
+        self.deployment = deployment
+        self.ids = ids
+        self.versions = {config_id: 1 for config_id in ids}
+        self.last: dict[str, dict] = {}
+        self.published = 0
+        self._random = random.Random(7)
+        self._task: asyncio.Task | None = None
+
+    async def put(self, config_id: str, *, enabled: bool, interval: float) -> None:
+        doc = self.deployment.doc(config_id, enabled=enabled, interval=interval,
+                                  version=self.versions[config_id])
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self.deployment.publish_raw(config_id.encode(), json.dumps(doc).encode()),
+                    10,
+                )
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        self.versions[config_id] += 1
+        self.last[config_id] = doc
+        self.published += 1
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            config_id = self._random.choice(self.ids)
+            await self.put(config_id, enabled=self._random.random() < 0.7,
+                           interval=self._random.choice([0.5, 1.0, 1.5]))
+            await asyncio.sleep(0.05)
+
+    def expected_enabled(self) -> set[str]:
+        return {i for i, doc in self.last.items() if doc["enabled"]}
+
+
+async def test_broker_then_database_restarted_under_load_lose_no_change_and_converge(
+    deployment: Deployment, stack,
+) -> None:
+    processes = {name: deployment.spawn_instance(instance_id=name) for name in ("a", "b")}
+    ids = [f"cfg-{n:02d}" for n in range(30)]
+    load = SteadyLoad(deployment, ids)
+    for config_id in ids:
+        await load.put(config_id, enabled=True, interval=1.0)
+    load.start()
+    await asyncio.sleep(5.0)
+
+    await asyncio.to_thread(stack.stop_kafka)
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(stack.start_kafka)
+    await asyncio.sleep(8.0)
+    await asyncio.to_thread(stack.stop_postgres)
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(stack.start_postgres)
+    await asyncio.sleep(5.0)
+    await load.stop()
+    settled_from = time.monotonic()
+
+    async def converged() -> bool:
+        found = await rows(deployment.settings.database_url)
+        if any(found.get(i, {}).get("config_version") != doc["version"]
+               for i, doc in load.last.items()):
+            return False
+        running = {i for i, r in found.items() if r["state"] == "running"}
+        return running == load.expected_enabled() and set(
+            active_runs(deployment.events)) == load.expected_enabled()
+
+    await wait_for(converged, timeout=60, what="convergence on the last published changes")
+    print(f"{load.published} changes published; converged "
+          f"{time.monotonic() - settled_from:.1f} s after the load stopped")
+    await asyncio.sleep(2.0)
+    assert deployment.source.overlaps() == []
+
+    await stop_all(deployment, processes)
+    await wait_for(lambda: all(c == 1 for c in end_counts(deployment.events).values()),
+                   timeout=30, what="one end event per run")
