@@ -295,3 +295,37 @@ async def test_sigterm_hands_configs_to_the_successor_within_five_seconds(
     await stop_all(deployment, processes)
     await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
                    what="one end event per run")
+
+
+async def test_static_membership_lets_a_quick_restart_move_no_partition(
+    deployment: Deployment,
+) -> None:
+    processes = {
+        name: deployment.spawn_instance(instance_id=name, RECONCILER_STATIC_MEMBER_ID=name)
+        for name in ("a", "b")
+    }
+    ids = await publish(deployment, 20, interval=0.5)
+
+    async def spread() -> dict[str, dict]:
+        found = await all_running(deployment, ids)
+        return found if {r["owner"] for r in found.values()} == {"a", "b"} else {}
+
+    found = await wait_for(spread, timeout=90, what="configs running on a and b")
+    await asyncio.sleep(2.0)
+    found = await wait_for(spread, timeout=30, what="a steady state")
+    on_b = {i: r["run_id"] for i, r in found.items() if r["owner"] == "b"}
+    on_a = {i for i, r in found.items() if r["owner"] == "a"}
+
+    assert await asyncio.to_thread(deployment.terminate, processes["a"]) == 0
+    processes["a"] = deployment.spawn_instance(instance_id="a", RECONCILER_STATIC_MEMBER_ID="a")
+
+    async def back_on_a() -> bool:
+        now = await all_running(deployment, ids)
+        return bool(now) and {i for i, r in now.items() if r["owner"] == "a"} == on_a
+
+    await wait_for(back_on_a, timeout=30, what="a's configs running on a again")
+    assert {i: active_runs(deployment.events).get(i) for i in on_b} == on_b
+    assert not any(e["data"]["reason"] == "reassigned" for e in deployment.events
+                   if e["type"] == "pull.task.stopped")
+    assert deployment.source.overlaps() == []
+    await stop_all(deployment, processes)
