@@ -210,6 +210,8 @@ class Instance:
             return
 
         assert self.store is not None
+        # Limitation: while the database is away this retries without end, so this
+        # instance's partitions stall and a rebalance waits until the broker drops it.
         written = await self._retry_database(
             lambda: self.store.write_desired(
                 decoded,
