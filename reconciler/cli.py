@@ -234,7 +234,9 @@ def _change_command(name: str, help_text: str) -> Callable[[str], None]:
     return command
 
 
-async def _changed_record(settings: Settings, config_id: str, change: str) -> tuple[str, bytes | None]:
+async def _changed_record(
+    settings: Settings, config_id: str, change: str
+) -> tuple[str, bytes | None]:
     import asyncpg
 
     from streams.configs import config_from_json_dict

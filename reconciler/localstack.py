@@ -393,7 +393,9 @@ class _Kafka:
         shutil.rmtree(staging, ignore_errors=True)
         command = [
             maven, "-q", "-B", "-Dstyle.color=never", "-f", str(self.pom),
-            "dependency:copy-dependencies", f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
         ]
         with open(self.maven_log, "wb") as output:
             try:
@@ -424,7 +426,8 @@ class _Kafka:
             # the advertised port (tests cut one instance off from Kafka by cutting the
             # relay); nothing listens there unless a test starts a relay.
             "listeners": (
-                f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port},"
+                f"PLAINTEXT://{LOOPBACK}:{self.port},"
+                f"CONTROLLER://{LOOPBACK}:{self.controller_port},"
                 f"RELAYED://{LOOPBACK}:{self.relayed_port}"
             ),
             "advertised.listeners": (

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     reconcile_workers: int = Field(8, alias="RECONCILER_WORKERS", ge=1, le=256)
     db_pool_size: int = Field(10, alias="RECONCILER_DB_POOL_SIZE", ge=2)
     db_timeout_seconds: float = Field(10.0, alias="RECONCILER_DB_TIMEOUT_SECONDS", gt=0)
-    kafka_session_timeout_seconds: float = Field(10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS")
+    kafka_session_timeout_seconds: float = Field(
+        10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS"
+    )
     kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS")
     otel_service_name: str = Field("reconciler", alias="OTEL_SERVICE_NAME")
     # Static membership (group.instance.id): opt-in, with an explicit id that stays the

@@ -216,7 +216,9 @@ class Store:
                 if isinstance(record, Tombstone):
                     await self._write_tombstone(conn, record, partition, offset, record_time)
                     return DesiredWrite(judgement, row is not None)
-                changed = await self._write_config(conn, row, record, partition, offset, record_time)
+                changed = await self._write_config(
+                    conn, row, record, partition, offset, record_time
+                )
                 return DesiredWrite(judgement, changed)
 
     async def _write_config(

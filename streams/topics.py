@@ -52,8 +52,16 @@ class Topics:
                 replication_factor=replication_factor,
                 topic_configs={"cleanup.policy": "compact"},
             ),
-            NewTopic(self.task_events, num_partitions=config_partitions, replication_factor=replication_factor),
-            NewTopic(self.orders, num_partitions=config_partitions, replication_factor=replication_factor),
+            NewTopic(
+                self.task_events,
+                num_partitions=config_partitions,
+                replication_factor=replication_factor,
+            ),
+            NewTopic(
+                self.orders,
+                num_partitions=config_partitions,
+                replication_factor=replication_factor,
+            ),
             NewTopic(self.dlq, num_partitions=1, replication_factor=replication_factor),
         ]
 
