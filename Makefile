@@ -31,5 +31,12 @@ down: $(STAMP)
 env: $(STAMP)
 	$(VENV)/bin/reconciler dev env
 
+# The churn test, longer: 5000 random changes with three instances killed and restarted on
+# the way; prints what it did (operations, kills, events by kind, overlaps, convergence).
+.PHONY: chaos
+chaos: $(STAMP)
+	CHAOS_OPERATIONS=5000 CHAOS_ROUNDS=3 $(VENV)/bin/python -m pytest \
+		tests/integration/test_churn.py -k churn_over -s
+
 clean: down
 	rm -rf $(VENV) .stack
