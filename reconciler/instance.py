@@ -38,12 +38,15 @@ from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecy
 from streams.publisher import OutgoingRecord, Publisher
 from streams.topics import Topics, ensure_topics
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
+from reconciler.http import HttpEndpoints
 from reconciler.loop import LoopServices, Run
+from reconciler.metrics import Metrics, otlp_metric_reader
 from reconciler.outbox import OutboxRelay
 from reconciler.settings import Settings
 from reconciler.source import OrderSource
 from reconciler.store import LEASE_CHANNEL, Store, TaskRow
 from reconciler.supervisor import Ending, Supervisor
+from reconciler.telemetry import telemetry_resource
 from reconciler.versions import Verdict
 from reconciler.workqueue import KeyedWorkQueue, QueueShutDown
 
@@ -81,6 +84,16 @@ class Instance:
         self.boot_id = uuid.uuid4().hex
         self.topics = Topics(settings.topic_prefix)
         self.queue = KeyedWorkQueue()
+        self.metrics = Metrics(
+            resource=telemetry_resource(
+                service_name=settings.otel_service_name, instance_id=settings.instance_id
+            ),
+            otlp_reader=otlp_metric_reader(enabled=settings.otlp_metrics_enabled),
+            per_config=settings.metrics_per_config,
+        )
+        self.http: HttpEndpoints | None = None
+        self._not_running = 0
+        self._outbox_depth = 0
         self.assigned: set[int] = set()
         self.store: Store | None = None
         self.publisher: Publisher | None = None
@@ -130,6 +143,7 @@ class Instance:
                 publisher=self.publisher,
                 store=self.store,
                 orders_topic=self.topics.orders,
+                metrics=self.metrics,
             ),
             store=self.store,
             on_run_ended=self.queue.add,
@@ -144,7 +158,18 @@ class Instance:
             asyncio.create_task(self._resync_forever(), name="resync"),
             asyncio.create_task(self._listen_for_releases_forever(), name="lease-releases"),
             asyncio.create_task(self._watch_kafka_forever(), name="kafka-watch"),
+            asyncio.create_task(self._sample_table_forever(), name="table-gauges"),
         ]
+        self._register_gauges()
+        if settings.http_port:
+            self.http = HttpEndpoints(
+                port=settings.http_port,
+                host=settings.http_host,
+                joined=self.joined.is_set,
+                database_answers=self._database_answers,
+                metrics_text=self.metrics.prometheus_text,
+            )
+            await self.http.start()
         self._workers = [
             asyncio.create_task(self._work_forever(), name=f"reconcile-worker-{n}")
             for n in range(settings.reconcile_workers)
@@ -195,6 +220,9 @@ class Instance:
             await _bounded(self.publisher.stop(), 10.0, "stopping the producer")
         if self.store is not None:
             await _bounded(self.store.close(), 10.0, "closing the database pool")
+        if self.http is not None:
+            await self.http.stop()
+        self.metrics.shutdown()
         log.info("instance stopped", extra={"instance_id": self.instance_id})
 
     # ---- the configs stream --------------------------------------------------------------
@@ -241,6 +269,7 @@ class Instance:
             reason,
             extra={"partition": record.partition, "offset": record.offset},
         )
+        self.metrics.dlq_records.add(1)
         headers = [(k, v) for k, v in record.headers if k not in _DLQ_HEADERS]
         headers += [
             ("error", reason.encode()),
@@ -260,6 +289,7 @@ class Instance:
             return  # leaving the group: the shutdown stops every run with `shutdown`
         self._last_assignment = set(partitions)
         self._generation = generation
+        self.metrics.rebalances.add(1)
         lost = self.assigned - partitions
         gained = partitions - self.assigned
         if self._reclaim_everything:
@@ -304,11 +334,13 @@ class Instance:
                 config_id = await self.queue.get()
             except QueueShutDown:
                 return
+            started = time.monotonic()
             try:
                 await self.reconcile(config_id)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                self.metrics.reconciles.add(1, {"action": "error"})
                 delay = 1.0 + random.random()
                 log.warning(
                     "reconcile failed (%s); retrying in %.1f s",
@@ -319,6 +351,7 @@ class Instance:
                 )
                 self.queue.add_after(config_id, delay)
             finally:
+                self.metrics.reconcile_duration.record(time.monotonic() - started)
                 self.queue.done(config_id)
 
     async def reconcile(self, config_id: str) -> None:
@@ -335,6 +368,13 @@ class Instance:
                 local=self._local(local, row),
                 recorded=self._recorded(row, local),
             )
+            self.metrics.reconciles.add(1, {"action": decision.action.value})
+            if (
+                decision.action in (Action.START, Action.STOP, Action.RESTART)
+                and row is not None
+                and row.record_age is not None
+            ):
+                self.metrics.action_lag.record(max(0.0, row.record_age))
             await self._act(config_id, decision, row)
 
     def _desired(self, row: TaskRow | None) -> Desired | None:
@@ -416,6 +456,7 @@ class Instance:
             self.queue.add_after(config_id, self.settings.lease_seconds)
             return
         run = self.supervisor.start(lease, lease_taken_at=taken_at)
+        self.metrics.runs_started.add(1)
         run.source_partition = partition
         self.relay.wake()
         log.info(
@@ -494,6 +535,12 @@ class Instance:
             )
 
         self.supervisor.remove(config_id)
+        if outcome.ending is Ending.STOPPED:
+            self.metrics.runs_ended.add(1, {"type": "stopped", "reason": outcome.reason})
+            if outcome.reason == "lease-lost":
+                self.metrics.lease_losses.add(1)
+        elif outcome.ending is Ending.FAILED:
+            self.metrics.runs_ended.add(1, {"type": "failed", "reason": "none"})
         if outcome.ending is not Ending.FENCED:
             # The end event is already in the outbox, ahead of any successor's `started`:
             # the relay sends in outbox order, so the lease can go at once.
@@ -654,6 +701,35 @@ class Instance:
                 continue
             for config_id in set(ids) | set(self.supervisor.runs):
                 self.queue.add(config_id)
+
+    # ---- metrics and health --------------------------------------------------------------
+
+    def _register_gauges(self) -> None:
+        assert self.supervisor is not None
+        supervisor = self.supervisor
+        self.metrics.gauge("reconciler.runs.running", lambda: supervisor.running)
+        self.metrics.gauge("reconciler.partitions.assigned", lambda: len(self.assigned))
+        self.metrics.gauge("reconciler.configs.not_running", lambda: self._not_running)
+        self.metrics.gauge("reconciler.outbox.depth", lambda: self._outbox_depth)
+
+    async def _sample_table_forever(self) -> None:
+        """Refresh the gauges that come from the table, at a pace the database can afford."""
+        assert self.store is not None
+        while True:
+            try:
+                self._not_running = await self.store.enabled_not_running(
+                    longer_than=self.settings.not_running_threshold_seconds
+                )
+                self._outbox_depth = await self.store.outbox_depth()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # the database being away is reported where it matters
+            await asyncio.sleep(5.0)
+
+    async def _database_answers(self) -> bool:
+        assert self.store is not None
+        return await self.store.pool.fetchval("SELECT 1", timeout=1.0) == 1
 
     # ---- retries -------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from opentelemetry.propagate import inject
 
 from streams.configs import Config
 from streams.publisher import OutgoingRecord, Publisher
-from reconciler.source import OrderSource, Page, RunIdentity
+from reconciler.metrics import Metrics
+from reconciler.source import OrderSource, Page, PullFailed, RunIdentity
 from reconciler.store import Fenced, Store
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class LoopServices:
     publisher: Publisher
     store: Store
     orders_topic: str
+    metrics: Metrics
 
 
 def first_pull_jitter(interval: float) -> float:
@@ -90,7 +92,13 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
     await asyncio.sleep(run.first_pull_delay + first_pull_jitter(interval))
     while True:
         started = time.monotonic()
-        await pull(run, services)
+        labels = services.metrics.config_labels(run.config.id)
+        try:
+            await pull(run, services)
+        except PullFailed:
+            services.metrics.pull_errors.add(1, labels)
+            raise
+        services.metrics.pulls.add(1, labels)
         await _write(run, lambda: services.store.record_successful_pull(
             run.config.id,
             run_id=run.run_id,
@@ -143,6 +151,7 @@ async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
     ]
     await services.publisher.send_all(services.orders_topic, records)
     run.orders_published += len(records)
+    services.metrics.orders.add(len(records), services.metrics.config_labels(config.id))
     assert page.next_cursor is not None  # parse_page refuses orders without a cursor
     await _save_cursor(run, services, page.next_cursor)
 

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     config_partitions: int = Field(12, alias="RECONCILER_CONFIG_PARTITIONS", ge=1, le=10_000)
     max_record_bytes: int = Field(65536, alias="RECONCILER_MAX_RECORD_BYTES", ge=1)
     http_port: int = Field(8080, alias="RECONCILER_HTTP_PORT", ge=0, le=65535)
+    # Where the HTTP endpoints listen; set 0.0.0.0 where an orchestrator probes from outside.
+    http_host: str = Field("127.0.0.1", alias="RECONCILER_HTTP_HOST")
+    # Per-config series of the pull counters; off, because they grow with the configs.
+    metrics_per_config: bool = Field(False, alias="RECONCILER_METRICS_PER_CONFIG")
     secrets_dir: str | None = Field(None, alias="RECONCILER_SECRETS_DIR")
 
     # Leases: a run may act only until `renewal sent + lease_seconds - lease_margin_seconds`
@@ -67,6 +71,13 @@ class Settings(BaseSettings):
     )
     kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS")
     otel_service_name: str = Field("reconciler", alias="OTEL_SERVICE_NAME")
+    otel_exporter_otlp_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_metrics_exporter: str | None = Field(None, alias="OTEL_METRICS_EXPORTER")
+    otel_traces_exporter: str | None = Field(None, alias="OTEL_TRACES_EXPORTER")
+    # An enabled config counts as not running once it has been so for this long.
+    not_running_threshold_seconds: float = Field(
+        60.0, alias="RECONCILER_NOT_RUNNING_THRESHOLD_SECONDS", gt=0
+    )
     # Static membership (group.instance.id): opt-in, with an explicit id that stays the
     # same across restarts. A quick restart then moves no partition, but a departed
     # instance is noticed only after the session timeout.
@@ -86,6 +97,13 @@ class Settings(BaseSettings):
     @property
     def group_id(self) -> str:
         return self.group_id_setting or f"{self.topic_prefix}.reconciler"
+
+    @property
+    def otlp_metrics_enabled(self) -> bool:
+        """OTLP metrics as the SDK's variables ask: `otlp` named, or an endpoint given."""
+        if self.otel_metrics_exporter is not None:
+            return "otlp" in self.otel_metrics_exporter.split(",")
+        return self.otel_exporter_otlp_endpoint is not None
 
     @property
     def uses_local_stack(self) -> bool:

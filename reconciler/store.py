@@ -117,6 +117,8 @@ class TaskRow:
     cursor: str | None
     last_pull_at: dt.datetime | None
     source_partition: int | None
+    # Seconds since the timestamp of the record the desired state came from.
+    record_age: float | None = None
 
     @property
     def run_active(self) -> bool:
@@ -635,6 +637,18 @@ class Store:
             json.dumps(event),
         )
 
+    async def enabled_not_running(self, *, longer_than: float) -> int:
+        """Enabled configs with no run and no backoff, unchanged for `longer_than` seconds."""
+        return await self._pool.fetchval(
+            """
+            SELECT count(*) FROM pull_tasks
+            WHERE enabled AND NOT deleted AND state NOT IN ('running', 'backoff')
+              AND updated_at < now() - make_interval(secs => $1)
+            """,
+            longer_than,
+            timeout=self._timeout,
+        )
+
     async def outbox_depth(self) -> int:
         return await self._pool.fetchval(
             "SELECT count(*) FROM lifecycle_outbox", timeout=self._timeout
@@ -651,6 +665,7 @@ _ROW_COLUMNS = """
     config_id, enabled, deleted, config, config_version, state, run_id, fence, owner,
     owner_boot, source_partition, attempts, cursor, last_pull_at,
     EXTRACT(EPOCH FROM (lease_expires_at - now())) AS lease_remaining,
+    EXTRACT(EPOCH FROM (now() - record_time))::float8 AS record_age,
     GREATEST(0, COALESCE(EXTRACT(EPOCH FROM (retry_at - now())), 0)) AS backoff_remaining
 """
 
@@ -673,6 +688,7 @@ def _task_row(row: asyncpg.Record) -> TaskRow:
         cursor=row["cursor"],
         last_pull_at=row["last_pull_at"],
         source_partition=row["source_partition"],
+        record_age=row["record_age"],
     )
 
 

@@ -97,6 +97,10 @@ class Supervisor:
         run = self.runs.get(config_id)
         return run is not None and (run.stop_reason is not None or run.task.done())
 
+    @property
+    def running(self) -> int:
+        return sum(1 for run in self.runs.values() if not run.task.done())
+
     def remove(self, config_id: str) -> Run:
         run = self.runs.pop(config_id)
         assert run.task is not None and run.task.done()
@@ -135,6 +139,7 @@ class Supervisor:
             lease_seconds=self._lease_seconds,
         )
         deadline = sent + self._lease_seconds - self._lease_margin
+        self._services.metrics.lease_renewals.add(len(renewed))
         for run in live:
             if run.config.id in renewed:
                 run.lease_deadline = max(run.lease_deadline, deadline)

@@ -11,11 +11,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 
+def telemetry_resource(*, service_name: str, instance_id: str) -> Resource:
+    return Resource.create({"service.name": service_name, "service.instance.id": instance_id})
+
+
 def setup_tracing(*, service_name: str, instance_id: str) -> TracerProvider:
     provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": service_name, "service.instance.id": instance_id}
-        ),
+        resource=telemetry_resource(service_name=service_name, instance_id=instance_id)
     )
     trace.set_tracer_provider(provider)
     return provider
