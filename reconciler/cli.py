@@ -19,10 +19,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pydantic import ValidationError
+
 from reconciler.settings import Settings
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output is not cut to 80 columns: a table of long ids would wrap beyond reading.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 class Failure(click.ClickException):
@@ -46,10 +49,20 @@ class BadInput(click.ClickException):
 def load_settings(**overrides: Any) -> Settings:
     try:
         settings = Settings()
-    except Exception as error:  # pydantic's ValidationError, with every bad variable
-        raise BadInput(f"invalid settings: {_one_line(error)}") from None
+    except ValidationError as error:
+        raise BadInput(f"invalid settings: {settings_problems(error)}") from None
     updates = {k: v for k, v in overrides.items() if v is not None}
     return settings.model_copy(update=updates) if updates else settings
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Each bad variable with what is wrong, never its value (it may be a secret)."""
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(name) else f"{name}: {message}")
+    return "; ".join(problems)
 
 
 def database_place(url: str) -> str:
@@ -107,6 +120,10 @@ def main() -> None:
     reports lifecycle events on <prefix>.task-events. Settings come from the environment
     (see README): KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, RECONCILER_*.
     """
+    # Client libraries would otherwise print their own connection errors beside ours.
+    from reconciler.logs import setup_logging
+
+    setup_logging(level="WARNING")
 
 
 # ---- run -----------------------------------------------------------------------------------
@@ -170,7 +187,7 @@ def config_validate(file: str) -> None:
     for problem in problems:
         click.echo(problem)
     if problems:
-        raise SystemExit(2)
+        raise BadInput(f"{len(problems)} problem(s) in {file}")
     click.echo(f"{len(configs)} valid config{'s' if len(configs) != 1 else ''}")
 
 
@@ -239,7 +256,7 @@ async def _changed_record(
 ) -> tuple[str, bytes | None]:
     import asyncpg
 
-    from streams.configs import config_from_json_dict
+    from streams.configs import MAX_VERSION, config_from_json_dict
 
     conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
     try:
@@ -258,6 +275,11 @@ async def _changed_record(
     current = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
     if change == "delete":
         return config_id, None
+    if current.version == MAX_VERSION:
+        raise BadInput(
+            f"config {config_id} is at the highest version ({MAX_VERSION}); it cannot be "
+            f"{change}d by a newer one"
+        )
     changes: dict[str, Any] = {"enabled": change == "enable"}
     if current.version is not None:
         changes["version"] = current.version + 1
@@ -378,8 +400,8 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    await asyncio.wait_for(consumer.start(), 30)
     try:
+        await asyncio.wait_for(consumer.start(), 30)
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
             await consumer._client.force_metadata_update()
@@ -392,17 +414,31 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
         consumer.assign(assignment)
         await consumer.seek_to_beginning(*assignment)
         ends = await consumer.end_offsets(assignment)
+        backlog: list[bytes] = []
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    _print_event(record.value, decode_lifecycle_event, as_json)
+                    if follow:
+                        _print_event(record.value, decode_lifecycle_event, as_json)
+                    else:
+                        backlog.append(record.value)
             if not follow:
                 positions = {tp: await consumer.position(tp) for tp in assignment}
                 if all(positions[tp] >= ends[tp] for tp in assignment):
+                    # Partitions are read one after another: put the events in time order.
+                    for value in sorted(backlog, key=_event_time):
+                        _print_event(value, decode_lifecycle_event, as_json)
                     return
     finally:
         await consumer.stop()
+
+
+def _event_time(value: bytes) -> str:
+    try:
+        return str(json.loads(value).get("time", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _print_event(value: bytes, decode: Callable[[bytes], dict], as_json: bool) -> None:

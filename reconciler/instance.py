@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Awaitable, Callable, TypeVar
 
+from aiokafka.errors import MessageSizeTooLargeError
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 
@@ -110,6 +111,8 @@ class Instance:
         # Monotonic time of the last successful call to the broker, for the cut-off check.
         self._kafka_seen = time.monotonic()
         self.kafka_cut_off = False
+        self._last_failure_logged = 0.0
+        self._started = False
         self._background: list[asyncio.Task] = []
         self._workers: list[asyncio.Task] = []
         self._stopping = False
@@ -186,6 +189,7 @@ class Instance:
             static_member_id=settings.static_member_id,
         )
         await self.stream.start()
+        self._started = True
         log.info("instance started", extra={"instance_id": self.instance_id})
 
     async def stop(self) -> None:
@@ -223,16 +227,24 @@ class Instance:
         if self.http is not None:
             await self.http.stop()
         self.metrics.shutdown()
-        log.info("instance stopped", extra={"instance_id": self.instance_id})
+        if self._started:
+            log.info("instance stopped", extra={"instance_id": self.instance_id})
 
     # ---- the configs stream --------------------------------------------------------------
 
     async def handle_record(self, record: ConfigRecord) -> None:
         """Store one config record's effect durably; return only when that is done."""
-        try:
-            decoded = decode_config_record(
-                record.key, record.value, max_record_bytes=self.settings.max_record_bytes
+        size = record_size(record)
+        limit = self.settings.max_record_bytes
+        if size > limit:
+            await self._dead_letter(
+                record,
+                f"record is {size} bytes with its key and headers, over the {limit}-byte limit "
+                "(RECONCILER_MAX_RECORD_BYTES); it was not parsed",
             )
+            return
+        try:
+            decoded = decode_config_record(record.key, record.value, max_record_bytes=limit)
         except InvalidRecord as invalid:
             await self._dead_letter(record, invalid.reason)
             return
@@ -270,19 +282,33 @@ class Instance:
             extra={"partition": record.partition, "offset": record.offset},
         )
         self.metrics.dlq_records.add(1)
-        headers = [(k, v) for k, v in record.headers if k not in _DLQ_HEADERS]
-        headers += [
+        source = [
             ("error", reason.encode()),
             ("source-topic", self.topics.configs.encode()),
             ("source-partition", str(record.partition).encode()),
             ("source-offset", str(record.offset).encode()),
         ]
-        await self._retry_kafka(
-            lambda: self.publisher.send(
-                self.topics.dlq, OutgoingRecord(key=record.key, value=record.value, headers=headers)
-            ),
-            what="sending a record to the DLQ",
-        )
+        carried = [(k, v) for k, v in record.headers if k not in _DLQ_HEADERS]
+        # The copy must fit the broker's limit even though it carries more headers than the
+        # original: drop the original headers first, then cut the value, and say so.
+        attempts = [
+            OutgoingRecord(key=record.key, value=record.value, headers=carried + source),
+            OutgoingRecord(key=record.key, value=record.value,
+                           headers=source + [("dropped", b"the original headers, too large")]),
+            OutgoingRecord(key=record.key[:1024] if record.key else record.key,
+                           value=(record.value or b"")[:65536] if record.value else record.value,
+                           headers=source + [("dropped", b"the original headers; the key and "
+                                                         b"value are cut, too large")]),
+        ]
+        for copy in attempts:
+            try:
+                await self._retry_kafka(
+                    lambda: self.publisher.send(self.topics.dlq, copy),
+                    what="sending a record to the DLQ",
+                )
+                return
+            except MessageSizeTooLargeError:
+                continue
 
     async def _partitions_assigned(self, partitions: set[int], generation: int) -> None:
         if self._stopping:
@@ -342,8 +368,15 @@ class Instance:
             except Exception as error:
                 self.metrics.reconciles.add(1, {"action": "error"})
                 delay = 1.0 + random.random()
-                log.warning(
-                    "reconcile failed (%s); retrying in %.1f s",
+                # During an outage every reconcile fails the same way: say it once a while.
+                now = time.monotonic()
+                level = logging.WARNING if now - self._last_failure_logged > 10 else logging.DEBUG
+                if level == logging.WARNING:
+                    self._last_failure_logged = now
+                log.log(
+                    level,
+                    "reconcile failed (%s); retrying in %.1f s (further failures within 10 s "
+                    "are logged at debug level)",
                     " ".join(str(error).split()) or type(error).__name__,
                     delay,
                     extra={"config_id": config_id},
@@ -744,12 +777,15 @@ _DLQ_HEADERS = {"error", "source-topic", "source-partition", "source-offset"}
 
 
 async def _retry_forever(operation: Callable[[], Awaitable[T]], *, what: str) -> T:
-    """Retry in short attempts with a capped, jittered delay; the record stays unacknowledged."""
+    """Retry in short attempts with a capped, jittered delay; the record stays unacknowledged.
+
+    A record the broker will never accept (too large) is not retried: the caller decides.
+    """
     delay = 0.2
     while True:
         try:
             return await operation()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, MessageSizeTooLargeError):
             raise
         except Exception as error:
             log.warning(
@@ -770,6 +806,12 @@ async def _bounded(awaitable: Awaitable, seconds: float, what: str) -> None:
     except Exception as error:
         log.warning("%s did not finish cleanly: %s", what, " ".join(str(error).split())
                     or type(error).__name__)
+
+
+def record_size(record: ConfigRecord) -> int:
+    """Bytes of a record's key, value and headers, as the size limit counts them."""
+    headers = sum(len(name.encode()) + len(value) for name, value in record.headers)
+    return len(record.key or b"") + len(record.value or b"") + headers
 
 
 def _content_key(row: TaskRow) -> str:

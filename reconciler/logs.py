@@ -58,8 +58,11 @@ def setup_logging(*, level: str = "INFO", json_format: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The client libraries are chatty at INFO about every rebalance step.
-    for name in ("aiokafka", "faust", "mode", "kafka"):
+    for name in ("faust", "mode"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # aiokafka logs an error for every failed connection attempt, thousands a second while
+    # the broker is away; the instance reports an unreachable broker itself, once.
+    logging.getLogger("aiokafka").setLevel(max(logging.CRITICAL, root.level))
     # asyncpg's pool logs a traceback for every failed reconnect; the instance reports a
     # database outage itself, once per affected operation.
     logging.getLogger("asyncpg").setLevel(max(logging.ERROR, root.level))

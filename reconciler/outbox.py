@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 
 from streams.lifecycle import encode_lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
@@ -25,8 +26,10 @@ from reconciler.store import Store
 log = logging.getLogger(__name__)
 
 BATCH = 500
+REMEMBERED = 100_000
 POLL_SECONDS = 1.0
-SEND_TIMEOUT_SECONDS = 10.0
+# Longer than the producer's request timeout (30 s), so only a frozen relay hits it.
+IDLE_IN_BATCH_SECONDS = 45.0
 _RELAY_LOCK = 0x6F7574626F78
 
 
@@ -37,9 +40,16 @@ class OutboxRelay:
         self._topic = topic
         self._wakeup = asyncio.Event()
         self.sent = 0
+        # Outbox row ids Kafka acknowledged, until their delete is committed.
+        self._acknowledged: OrderedDict[int, None] = OrderedDict()
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def _remember(self, row_id: int) -> None:
+        self._acknowledged[row_id] = None
+        while len(self._acknowledged) > REMEMBERED:
+            self._acknowledged.popitem(last=False)
 
     async def wait_until_sent(self, *, timeout: float) -> bool:
         """Wait, bounded, until the outbox is empty; for a graceful shutdown."""
@@ -89,7 +99,7 @@ class OutboxRelay:
             async with conn.transaction():
                 await conn.execute(
                     f"SET LOCAL idle_in_transaction_session_timeout = "
-                    f"'{int(SEND_TIMEOUT_SECONDS * 1000 + 5000)}ms'"
+                    f"'{int(IDLE_IN_BATCH_SECONDS * 1000)}ms'"
                 )
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK):
                     # Another relay is sending, in order, everything committed so far;
@@ -103,19 +113,30 @@ class OutboxRelay:
                 )
                 if not rows:
                     return False
+                # Rows acknowledged earlier whose delete did not commit (the database went
+                # away) are deleted now, not sent again.
+                unsent = [row for row in rows if row["id"] not in self._acknowledged]
                 records = []
-                for row in rows:
+                for row in unsent:
                     value, headers = encode_lifecycle_event(json.loads(row["event"]))
                     records.append(
                         OutgoingRecord(key=row["config_id"].encode(), value=value,
                                        headers=headers)
                     )
-                await asyncio.wait_for(
-                    self._publisher.send_all(self._topic, records), SEND_TIMEOUT_SECONDS
-                )
+                # No timeout of our own here: cutting the wait short would lose which events
+                # were acknowledged; the producer's request timeout bounds it.
+                errors = await self._publisher.send_each(self._topic, records)
+                for row, error in zip(unsent, errors):
+                    if error is None:
+                        self._remember(row["id"])
+                done = [row["id"] for row in rows if row["id"] in self._acknowledged]
                 await conn.execute(
-                    "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])",
-                    [r["id"] for r in rows],
+                    "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])", done
                 )
-        self.sent += len(rows)
+        for row_id in done:
+            self._acknowledged.pop(row_id, None)
+        failed = next((error for error in errors if error is not None), None)
+        if failed is not None:
+            raise failed
+        self.sent += len(done)
         return len(rows) == BATCH

@@ -12,7 +12,9 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import Field, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_KAFKA = "127.0.0.1:9092"
@@ -84,6 +86,27 @@ class Settings(BaseSettings):
     static_member_id: str | None = Field(None, alias="RECONCILER_STATIC_MEMBER_ID")
     log_format: Literal["text", "json"] = Field("text", alias="RECONCILER_LOG_FORMAT")
     log_level: str = Field("INFO", alias="RECONCILER_LOG_LEVEL")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_a_postgresql_url(cls, value: str) -> str:
+        # The message never repeats the value: it may hold a password.
+        parts = urlsplit(value)
+        rest = value.split("://", 1)[-1]
+        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        problem = None
+        if parts.scheme not in ("postgresql", "postgres"):
+            problem = "must start with postgresql://"
+        elif any(c in userinfo for c in "?#/"):
+            problem = "has '?', '#' or '/' in its user or password; percent-encode them"
+        else:
+            try:
+                parts.port
+            except ValueError:
+                problem = "has a port that is not a number from 0 to 65535"
+        if problem:
+            raise ValueError(f"DATABASE_URL {problem}")
+        return value
 
     @model_validator(mode="after")
     def _lease_timing_is_consistent(self) -> "Settings":

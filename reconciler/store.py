@@ -499,6 +499,14 @@ class Store:
                     return False
                 attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
                 delay = retry_in(attempt) if retry_in is not None else None
+                if state == "backoff":
+                    # A failed run of a config that was disabled or deleted meanwhile is not
+                    # retried: its row says `failed`.
+                    state = await conn.fetchval(
+                        "SELECT CASE WHEN enabled AND NOT deleted THEN 'backoff' ELSE 'failed'"
+                        " END FROM pull_tasks WHERE config_id = $1",
+                        config_id,
+                    )
                 await conn.execute(
                     """
                     UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,

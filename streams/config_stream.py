@@ -115,7 +115,6 @@ class ConfigStream:
                 if message.timestamp
                 else None
             )
-            headers = list((event.headers or {}).items()) if event.headers else []
             await self._handle_record(
                 ConfigRecord(
                     key=message.key,
@@ -123,7 +122,7 @@ class ConfigStream:
                     partition=message.partition,
                     offset=message.offset,
                     timestamp=timestamp,
-                    headers=[(k, v if isinstance(v, bytes) else bytes(v)) for k, v in headers],
+                    headers=_headers(message.headers),
                 )
             )
 
@@ -151,3 +150,11 @@ class ConfigStream:
             pass
         finally:
             await admin.close()
+
+
+def _headers(raw: object) -> list[tuple[str, bytes]]:
+    """Record headers as (name, bytes); a header without a value (null) becomes empty bytes."""
+    if not raw:
+        return []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(str(name), bytes(value) if value is not None else b"") for name, value in pairs]

@@ -612,6 +612,12 @@ def _url(where: str, value: Any, problems: list[str]) -> Any:
 
     if not _is_http_url(value):
         return _fail(where, f"must be {_URL_RULE}", value, problems)
+    if "@" in urlsplit(value).netloc:
+        # Secrets never travel in records; the message leaves the URL out for that reason.
+        problems.append(
+            f"{where}: must not carry a user or password; use source.auth with a secret file"
+        )
+        return _INVALID
     return value
 
 

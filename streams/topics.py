@@ -8,6 +8,7 @@ compaction is what lets a new instance rebuild every desired state from the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -100,15 +101,23 @@ async def replication_factor(admin: AIOKafkaAdminClient) -> int:
 
 
 async def _check_compacted(admin: AIOKafkaAdminClient, topic: str) -> None:
-    responses = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"cleanup.policy": None})]
-    )
-    for response in responses:
-        for resource in response.resources:
-            entries = {entry[0]: entry[1] for entry in resource[4]}
-            policy = entries.get("cleanup.policy", "")
-            if "compact" not in policy.split(","):
-                raise TopicMisconfigured(
-                    f"topic {topic} has cleanup.policy={policy!r}; it must be compacted "
-                    "('compact' or 'compact,delete') so that every desired state survives"
-                )
+    policy = await _cleanup_policy(admin, topic)
+    if "compact" not in policy.split(","):
+        raise TopicMisconfigured(
+            f"topic {topic} has cleanup.policy={policy!r}; it must be compacted "
+            "('compact' or 'compact,delete') so that every desired state survives"
+        )
+
+
+async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str:
+    # A topic created a moment ago may be unknown to the broker that answers for a while
+    # (error code 3 with no entries): ask again rather than report an empty policy.
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs={"cleanup.policy": None})
+    for attempt in range(50):
+        responses = await admin.describe_configs([resource])
+        for response in responses:
+            for error_code, _message, _type, _name, entries in response.resources:
+                if error_code == 0:
+                    return {entry[0]: entry[1] for entry in entries}.get("cleanup.policy", "")
+        await asyncio.sleep(0.2)
+    raise TopicMisconfigured(f"the broker does not describe topic {topic}'s configuration")

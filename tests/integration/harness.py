@@ -202,8 +202,12 @@ class Deployment:
         return None if row is None else dict(row)
 
 
-async def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll `predicate` (sync or async) until it returns something truthy."""
+async def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str,
+    show: Callable[[], Any] | None = None,
+) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy; on a timeout,
+    the message includes what `show` returns."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -212,7 +216,8 @@ async def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            seen = f"; {show()}" if show is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{seen}")
         await asyncio.sleep(0.05)
 
 

@@ -39,6 +39,12 @@ async def all_running(deployment: Deployment, ids: list[str]) -> dict[str, dict]
     return {}
 
 
+async def spread_over(deployment: Deployment, ids: list[str], names: set[str]) -> dict:
+    """The rows, once every config runs and every named instance holds some of them."""
+    found = await all_running(deployment, ids)
+    return found if {r["owner"] for r in found.values()} == names else {}
+
+
 async def publish(deployment: Deployment, count: int, *, interval: float) -> list[str]:
     ids = [f"cfg-{n:03d}" for n in range(count)]
     for config_id in ids:
@@ -100,9 +106,11 @@ async def test_killed_instance_configs_run_elsewhere_within_the_bound_without_ov
 ) -> None:
     processes = spawn_group(deployment, ["a", "b", "c"])
     ids = await publish(deployment, 60, interval=1.0)
-    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
-                           what="all configs running")
+    found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b", "c"}), timeout=90,
+                           what="all configs running on a, b and c")
     await asyncio.sleep(2.0)
+    found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b", "c"}), timeout=30,
+                           what="a steady state")
     victim = collections.Counter(r["owner"] for r in found.values()).most_common(1)[0][0]
     orphaned = {i: r["run_id"] for i, r in found.items() if r["owner"] == victim}
 
@@ -138,9 +146,11 @@ async def test_frozen_instance_is_replaced_and_after_thawing_sends_and_publishes
 ) -> None:
     processes = spawn_group(deployment, ["a", "b"])
     ids = await publish(deployment, 30, interval=0.5)
-    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
-                           what="all configs running")
+    await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=90,
+                   what="all configs running on a and b")
     await asyncio.sleep(1.0)
+    found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=30,
+                           what="a steady state")
     frozen = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
     assert frozen
 
@@ -196,10 +206,11 @@ async def test_instance_cut_off_from_kafka_hands_its_configs_over_and_stops_its_
             "b": deployment.spawn_instance(instance_id="b"),
         }
         ids = await publish(deployment, 30, interval=0.5)
-        found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
-                               what="all configs running")
-        await wait_for(lambda: all_running(deployment, ids), timeout=30,
-                       what="a steady state")
+        await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=90,
+                       what="all configs running on a and b")
+        await asyncio.sleep(1.0)
+        found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=30,
+                               what="a steady state")
         cut_off = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
         assert cut_off
 
@@ -273,9 +284,11 @@ async def test_sigterm_hands_configs_to_the_successor_within_five_seconds(
 ) -> None:
     processes = spawn_group(deployment, ["a", "b"])
     ids = await publish(deployment, 30, interval=0.5)
-    found = await wait_for(lambda: all_running(deployment, ids), timeout=90,
-                           what="all configs running")
+    await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=90,
+                   what="all configs running on a and b")
     await asyncio.sleep(1.0)
+    found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=30,
+                           what="a steady state")
     leaving = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
 
     stopped_at = time.monotonic()

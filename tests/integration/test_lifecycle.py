@@ -354,6 +354,11 @@ async def test_reenable_soon_after_a_pull_waits_out_the_interval(deployment: Dep
                            what="first pull")
     first_pull_at = first[0].started
 
+    async def pull_recorded() -> bool:
+        return (await deployment.row("c1"))["last_pull_at"] is not None
+
+    # The interval counts from the last *successful* pull: let the first one finish.
+    await wait_for(pull_recorded, timeout=10, what="the first pull recorded")
     await deployment.put("c1", interval=4.0, enabled=False)
     await wait_for(lambda: deployment.events_of("c1", "stopped"), timeout=10, what="stop")
     await deployment.put("c1", interval=4.0, enabled=True)

@@ -102,4 +102,8 @@ async def test_broker_then_database_restarted_under_load_lose_no_change_and_conv
 
     await stop_all(deployment, processes)
     await wait_for(lambda: all(c == 1 for c in end_counts(deployment.events).values()),
-                   timeout=30, what="one end event per run")
+                   timeout=30, what="one end event per run",
+                   show=lambda: [(e["type"], e["data"]["reason"], e["id"][:8], e["source"],
+                                  e["time"], e["data"]["error"])
+                                 for e in deployment.events
+                                 if end_counts(deployment.events).get(e["data"]["run_id"]) != 1])

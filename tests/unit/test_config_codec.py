@@ -861,3 +861,15 @@ def test_valid_config_round_trips_through_its_record_bytes(config):
 @given(config=configs)
 def test_schema_accepts_every_valid_config(config):
     assert schema_accepts(config_json_schema(), config.to_json_dict())
+
+
+def test_a_url_with_a_user_and_password_is_refused_without_repeating_them() -> None:
+    from streams.configs import InvalidRecord, decode_config_record
+    import json as _json
+
+    doc = {"id": "a", "enabled": True, "channel_id": "c", "product_id": "p",
+           "interval_seconds": 5, "source": {"type": "http", "url": "https://u:hunter2@h/o"}}
+    with pytest.raises(InvalidRecord) as caught:
+        decode_config_record(b"a", _json.dumps(doc).encode(), max_record_bytes=65536)
+    assert "source.url" in caught.value.reason
+    assert "hunter2" not in caught.value.reason
