@@ -528,6 +528,7 @@ def sample_source(host: str, port: int, rate: float) -> None:
     """Serve made-up orders as an HTTP order source, for trying the product."""
     from reconciler.sample_source import serve_forever
 
+    click.echo(f"serving made-up orders at http://{host}:{port}/orders (Ctrl-C stops)")
     run_async(serve_forever(host, port, rate))
 
 
