@@ -144,7 +144,7 @@ async def _run_instance(settings: Settings) -> None:
     from reconciler.telemetry import setup_tracing
 
     setup_logging(level=settings.log_level, json_format=settings.log_format == "json")
-    setup_tracing(service_name=settings.otel_service_name, instance_id=settings.instance_id)
+    setup_tracing(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +166,12 @@ async def _run_instance(settings: Settings) -> None:
 @main.group()
 def config() -> None:
     """Publish, check and change configs."""
+
+
+def _tracing(settings: Settings) -> Any:
+    from reconciler.telemetry import setup_tracing
+
+    return setup_tracing(settings)
 
 
 def _read_document(file: str) -> bytes:
@@ -203,13 +209,19 @@ def config_put(file: str) -> None:
             click.echo(problem, err=True)
         raise BadInput(f"nothing published: {len(problems)} problem(s) in {file}")
     settings = load_settings()
-    run_async(_publish_configs(settings, [(c.id, c.to_json_bytes()) for c in configs]), settings)
+    provider = _tracing(settings)
+    try:
+        run_async(_publish_configs(settings, [(c.id, c.to_json_bytes()) for c in configs]),
+                  settings)
+    finally:
+        provider.shutdown()
     click.echo(f"published {len(configs)} config{'s' if len(configs) != 1 else ''}")
 
 
 async def _publish_configs(settings: Settings, records: list[tuple[str, bytes | None]]) -> None:
     from streams.publisher import OutgoingRecord, Publisher
     from streams.topics import Topics, ensure_topics
+    from streams.tracing import headers_with_context, producer_span
     from reconciler.instance import kafka_connection
 
     connection = kafka_connection(settings)
@@ -220,13 +232,13 @@ async def _publish_configs(settings: Settings, records: list[tuple[str, bytes | 
     publisher = Publisher(connection)
     await asyncio.wait_for(publisher.start(), 30)
     try:
-        await asyncio.wait_for(
-            publisher.send_all(
-                topics.configs,
-                [OutgoingRecord(key=k.encode(), value=v, headers=[]) for k, v in records],
-            ),
-            30,
-        )
+        for key, value in records:
+            # One `send` span per record; its context travels in the record's traceparent.
+            with producer_span("send", topics.configs, key=key,
+                               attributes={"config_id": key}):
+                record = OutgoingRecord(key=key.encode(), value=value,
+                                        headers=headers_with_context())
+                await asyncio.wait_for(publisher.send(topics.configs, record), 30)
     finally:
         await publisher.stop()
 
@@ -245,7 +257,11 @@ def _change_command(name: str, help_text: str) -> Callable[[str], None]:
     def command(config_id: str) -> None:
         settings = load_settings()
         record = run_async(_changed_record(settings, config_id, name), settings)
-        run_async(_publish_configs(settings, [record]), settings)
+        provider = _tracing(settings)
+        try:
+            run_async(_publish_configs(settings, [record]), settings)
+        finally:
+            provider.shutdown()
         click.echo(f"published {name} of {config_id}")
 
     return command
@@ -471,15 +487,24 @@ def dev() -> None:
 
 
 @dev.command("up")
-def dev_up() -> None:
+@click.option("--with-jaeger", is_flag=True,
+              help="Also run Jaeger (traces in memory), built with Go on first use.")
+def dev_up(with_jaeger: bool) -> None:
     """Start the local stack (idempotent) and print how to use it."""
     from reconciler.localstack import StackError, default_stack
 
     stack = default_stack()
     try:
-        stack.up(progress=lambda line: err.print(line, markup=False))
+        stack.up(with_jaeger=with_jaeger, progress=lambda line: err.print(line, markup=False))
     except StackError as error:
         raise Failure(str(error)) from None
+    if with_jaeger:
+        # Built from the Go module alone, Jaeger serves its query API but no real UI page.
+        click.echo(
+            f"Jaeger UI at {stack.jaeger_query_url} (a placeholder page in this build), "
+            f"traces at {stack.jaeger_query_url}/api/traces?service=reconciler",
+            err=True,
+        )
     for name, value in stack.env().items():
         click.echo(f"export {name}={value}")
 
@@ -514,7 +539,7 @@ def demo() -> None:
 
     settings = load_settings(http_port=0)
     setup_logging(level="WARNING", json_format=False)
-    setup_tracing(service_name=settings.otel_service_name, instance_id=settings.instance_id)
+    setup_tracing(settings)
     ok = run_async(run_demo(settings, console=out), settings)
     raise SystemExit(0 if ok else 1)
 

@@ -29,6 +29,7 @@ import uuid
 from typing import Awaitable, Callable, TypeVar
 
 from aiokafka.errors import MessageSizeTooLargeError
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 
@@ -38,6 +39,7 @@ from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
 from streams.topics import Topics, ensure_topics
+from streams.tracing import processing_span, producer_span
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
 from reconciler.http import HttpEndpoints
 from reconciler.loop import LoopServices, Run
@@ -112,6 +114,8 @@ class Instance:
         self._kafka_seen = time.monotonic()
         self.kafka_cut_off = False
         self._last_failure_logged = 0.0
+        # Span context of the record that asked for each pending reconcile.
+        self._triggers: dict[str, trace.SpanContext] = {}
         self._started = False
         self._background: list[asyncio.Task] = []
         self._workers: list[asyncio.Task] = []
@@ -234,6 +238,15 @@ class Instance:
 
     async def handle_record(self, record: ConfigRecord) -> None:
         """Store one config record's effect durably; return only when that is done."""
+        with processing_span(
+            self.topics.configs, headers=record.headers, key=record.key,
+            partition=record.partition, offset=record.offset, group=self.settings.group_id,
+        ) as span:
+            if record.key:
+                span.set_attribute("config_id", record.key.decode("utf-8", "replace"))
+            await self._handle_record(record)
+
+    async def _handle_record(self, record: ConfigRecord) -> None:
         size = record_size(record)
         limit = self.settings.max_record_bytes
         if size > limit:
@@ -272,6 +285,8 @@ class Instance:
                        "offset": record.offset},
             )
         else:
+            # The reconcile this record asks for continues the record's trace.
+            self._triggers[decoded.id] = trace.get_current_span().get_span_context()
             self.queue.add(decoded.id)
 
     async def _dead_letter(self, record: ConfigRecord, reason: str) -> None:
@@ -389,7 +404,14 @@ class Instance:
 
     async def reconcile(self, config_id: str) -> None:
         assert self.store is not None and self.supervisor is not None
-        with tracer.start_as_current_span("reconcile", attributes={"config_id": config_id}):
+        trigger = self._triggers.pop(config_id, None)
+        parent = (
+            trace.set_span_in_context(trace.NonRecordingSpan(trigger))
+            if trigger is not None else otel_context.Context()
+        )
+        with tracer.start_as_current_span(
+            "reconcile", context=parent, attributes={"config_id": config_id}
+        ):
             local = self.supervisor.runs.get(config_id)
             if local is not None and local.task.done():
                 await self._finish_run(local)
@@ -474,13 +496,20 @@ class Instance:
 
         with tracer.start_as_current_span(
             "start", attributes={"config_id": config_id, "run_id": run_id}
-        ):
-            lease = await self.store.take_lease(
-                config_id,
-                run_id=run_id,
-                lease_seconds=self.settings.lease_seconds,
-                started_event=lambda fence: started(fence),
-            )
+        ) as start_span:
+            with tracer.start_as_current_span(
+                "lease", attributes={"config_id": config_id, "run_id": run_id}
+            ) as lease_span:
+                lease = await self.store.take_lease(
+                    config_id,
+                    run_id=run_id,
+                    lease_seconds=self.settings.lease_seconds,
+                    started_event=lambda fence: started(fence),
+                )
+                lease_span.set_attribute("lease.taken", lease is not None)
+                if lease is not None:
+                    lease_span.set_attribute("fence", lease.fence)
+            start_context = start_span.get_span_context()
         if lease is None:
             # The row changed since it was read (a lease holder appeared, another instance
             # claimed the partition, or it was disabled); look again when the lease is
@@ -489,6 +518,7 @@ class Instance:
             self.queue.add_after(config_id, self.settings.lease_seconds)
             return
         run = self.supervisor.start(lease, lease_taken_at=taken_at)
+        run.start_context = start_context
         self.metrics.runs_started.add(1)
         run.source_partition = partition
         self.relay.wake()
@@ -611,7 +641,10 @@ class Instance:
         ran_by: str | None = None,
     ) -> dict:
         carrier: dict[str, str] = {}
-        inject(carrier)
+        with producer_span("create", self.topics.task_events, key=config_id,
+                           attributes={"config_id": config_id, "run_id": run_id,
+                                       "cloudevents.event_type": event_type}):
+            inject(carrier)
         return lifecycle_event(
             event_type=event_type,
             config_id=config_id,

@@ -24,11 +24,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import inject
+from opentelemetry.trace import Link
 
 from streams.configs import Config
 from streams.publisher import OutgoingRecord, Publisher
+from streams.tracing import producer_span
 from reconciler.metrics import Metrics
 from reconciler.source import OrderSource, Page, PullFailed, RunIdentity
 from reconciler.store import Fenced, Store
@@ -62,6 +65,8 @@ class Run:
     source_partition: int | None = None
     pulled: int = 0
     orders_published: int = 0
+    # The span context of the run's start: every pull's trace links to it.
+    start_context: trace.SpanContext | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
 
     @property
@@ -111,11 +116,18 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
 
 
 async def pull(run: Run, services: LoopServices) -> None:
-    """One pull: pages from the saved cursor until an empty page."""
+    """One pull: pages from the saved cursor until an empty page.
+
+    Each pull is the root of a trace of its own, linked to the run's start, so that a loop
+    running for weeks does not make one endless trace.
+    """
+    links = [Link(run.start_context)] if run.start_context is not None else []
     with tracer.start_as_current_span(
         "pull",
+        context=otel_context.Context(),
         kind=trace.SpanKind.INTERNAL,
-        attributes={"config_id": run.config.id, "run_id": run.run_id},
+        links=links,
+        attributes={"config_id": run.config.id, "run_id": run.run_id, "fence": run.fence},
     ):
         while True:
             run.check_lease()
@@ -123,7 +135,6 @@ async def pull(run: Run, services: LoopServices) -> None:
                 run.config,
                 run=run.identity,
                 cursor=run.cursor,
-                traceparent=_traceparent(),
                 may_send=run.check_lease,
             )
             if not page.orders:
@@ -136,6 +147,18 @@ async def pull(run: Run, services: LoopServices) -> None:
 
 async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
     run.check_lease()
+    config = run.config
+    with producer_span("send", services.orders_topic,
+                       attributes={"config_id": config.id, "run_id": run.run_id,
+                                   "messaging.batch.message_count": len(page.orders)}):
+        await _send_orders(run, services, page)
+    run.orders_published += len(page.orders)
+    services.metrics.orders.add(len(page.orders), services.metrics.config_labels(config.id))
+    assert page.next_cursor is not None  # parse_page refuses orders without a cursor
+    await _save_cursor(run, services, page.next_cursor)
+
+
+async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
     config = run.config
     headers = [("config-id", config.id.encode()), ("run-id", run.run_id.encode())]
     traceparent = _traceparent()
@@ -150,10 +173,6 @@ async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
         for order in page.orders
     ]
     await services.publisher.send_all(services.orders_topic, records)
-    run.orders_published += len(records)
-    services.metrics.orders.add(len(records), services.metrics.config_labels(config.id))
-    assert page.next_cursor is not None  # parse_page refuses orders without a cursor
-    await _save_cursor(run, services, page.next_cursor)
 
 
 async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:

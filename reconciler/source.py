@@ -17,13 +17,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+from opentelemetry.trace import Span, SpanKind
 
 from streams.configs import Config
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("reconciler.source")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -75,7 +80,6 @@ class OrderSource:
         *,
         run: RunIdentity,
         cursor: str | None,
-        traceparent: str | None,
         may_send: Callable[[], None] = lambda: None,
     ) -> Page:
         """Ask for one page. `may_send` is called once more right before the request is
@@ -91,13 +95,38 @@ class OrderSource:
             "X-Pull-Fence": str(run.fence),
             "Accept": "application/json",
         }
-        if traceparent:
-            headers["traceparent"] = traceparent
         authorization = self._authorization(config)
         if authorization:
             headers["Authorization"] = authorization
 
         timeout = config.source.timeout_seconds
+        with tracer.start_as_current_span(
+            "GET",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "GET",
+                "url.full": config.source.url,
+                "server.address": urlsplit(config.source.url).hostname or "",
+                "config_id": run.config_id,
+                "run_id": run.run_id,
+            },
+        ) as span:
+            # The source sees this request's own span as the parent of whatever it does.
+            carrier: dict[str, str] = {}
+            inject(carrier)
+            headers.update(carrier)
+            body = await self._request(config, params, headers, timeout, may_send, span)
+        return parse_page(body)
+
+    async def _request(
+        self,
+        config: Config,
+        params: dict[str, str],
+        headers: dict[str, str],
+        timeout: float,
+        may_send: Callable[[], None],
+        span: Span,
+    ) -> bytes:
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.get(
@@ -107,17 +136,17 @@ class OrderSource:
                     allow_redirects=False,
                     trace_request_ctx={"may_send": may_send},
                 ) as response:
+                    span.set_attribute("http.response.status_code", response.status)
                     if response.status != 200:
                         raise PullFailed(
                             f"source answered HTTP {response.status}",
                             retry_after=_retry_after(response),
                         )
-                    body = await self._read_capped(response)
+                    return await self._read_capped(response)
         except TimeoutError:
             raise PullFailed(f"source did not answer within {timeout:g} s") from None
         except aiohttp.ClientError as error:
             raise PullFailed(f"could not reach the source: {_one_line(error)}") from None
-        return parse_page(body)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         chunks = []

@@ -109,3 +109,26 @@ async def deployment(settings: Settings):
     finally:
         await deployment.close()
         await source.stop()
+
+
+@pytest.fixture(scope="session")
+def _span_store():
+    """Every span of the test process, in memory; instances in the process report here."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+@pytest.fixture
+def spans(_span_store):
+    """The span exporter, emptied for this test."""
+    _span_store.clear()
+    yield _span_store
+    _span_store.clear()
