@@ -12,14 +12,22 @@ storage is formatted on first start. PostgreSQL comes from the binaries of the
 `reconciler` role and database are created. PostgreSQL refuses to run as root, so when the
 caller is root (as in CI) it runs as an unprivileged system account made for the purpose.
 
-Both processes are detached from the caller, so they outlive `dev up`. A component counts as
+On request (`up(with_jaeger=True)`, `dev up --with-jaeger`) a Jaeger all-in-one joins them,
+keeping traces in memory: the `jaeger` binary is built once with Go from the module pinned in
+`infra/jaeger/` (the Go module proxy is the only source it needs) and rebuilt only when that
+module's go.mod or go.sum changes. Built from the module it has no UI assets: the query API
+answers on its port, the page there is Jaeger's placeholder.
+
+All processes are detached from the caller, so they outlive `dev up`. A component counts as
 ours only while its pid file names a live process whose command line names this stack's
 folder; nothing else is ever signalled. A component counts as ready only when a real client
-call succeeds: broker metadata with a live broker in it, a query as the `reconciler` role.
+call succeeds: broker metadata with a live broker in it, a query as the `reconciler` role,
+Jaeger's list of services from its query API.
 
-Every call is synchronous and may block for up to a minute and a half. It runs `asyncio.run`
-for its client calls, so callers inside an event loop use `asyncio.to_thread`. Calls on one
-folder are serialised by a file lock, across threads and processes alike.
+Every call is synchronous and may block for up to a minute and a half (many minutes for a
+first build of Jaeger). It runs `asyncio.run` for its client calls, so callers inside an event
+loop use `asyncio.to_thread`. Calls on one folder are serialised by a file lock, across
+threads and processes alike.
 
 Layout of the folder::
 
@@ -27,6 +35,7 @@ Layout of the folder::
     kafka/      jars/, jars.pom-sha256, server.properties, log4j2.properties, data/,
                 server.log (the broker's own, rolled), stdout.log (the JVM's), maven.log, kafka.pid
     postgres/   data/ (postmaster.pid inside), postgres.log, run/ (the unix socket)
+    jaeger/     bin/jaeger, bin.go-sha256, config.yaml, jaeger.log, build.log, jaeger.pid
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pwd
@@ -49,6 +59,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator, Sequence
@@ -71,8 +82,11 @@ DATABASE_NAME = "reconciler"
 POSTGRES_SYSTEM_USER = "reconciler-pg"
 
 MAVEN_SECONDS = 600.0
+# A first build of Jaeger compiles a few thousand packages: many minutes on two cores.
+GO_BUILD_SECONDS = 1800.0
 KAFKA_READY_SECONDS = 90.0
 POSTGRES_READY_SECONDS = 60.0
+JAEGER_READY_SECONDS = 60.0
 STOP_SECONDS = 30.0
 POLL_SECONDS = 0.25
 # Logs that cannot roll by themselves are set aside at start once they grow past this.
@@ -82,6 +96,7 @@ SOCKET_FOLDER_MAX_CHARS = 85
 
 KAFKA_HINT = "point KAFKA_BOOTSTRAP_SERVERS at your own broker"
 DATABASE_HINT = "point DATABASE_URL at your own database"
+JAEGER_HINT = "leave Jaeger out, or point OTEL_EXPORTER_OTLP_ENDPOINT at your own collector"
 
 
 class StackError(Exception):
@@ -99,6 +114,16 @@ class StackEndpoints:
 
     kafka_bootstrap_servers: str
     database_url: str
+
+
+@dataclass(frozen=True)
+class JaegerPorts:
+    """The ports of the local Jaeger, all on 127.0.0.1; the defaults are Jaeger's own."""
+
+    otlp_grpc: int = 4317
+    otlp_http: int = 4318
+    query_http: int = 16686
+    query_grpc: int = 16685
 
 
 def project_root() -> Path:
@@ -125,6 +150,9 @@ class LocalStack:
         postgres_port: PostgreSQL's TCP port, 15432 by default.
         kafka_pom: the Maven file that names the broker's jars; by default
             `infra/kafka/pom.xml` of the checkout.
+        jaeger_ports: where the optional Jaeger listens (OTLP in, query API and UI out).
+        jaeger_module: the folder of the Go module that pins Jaeger's version; by default
+            `infra/jaeger/` of the checkout.
     """
 
     def __init__(
@@ -135,11 +163,14 @@ class LocalStack:
         kafka_controller_port: int = 9093,
         postgres_port: int = 15432,
         kafka_pom: Path | None = None,
+        jaeger_ports: JaegerPorts = JaegerPorts(),
+        jaeger_module: Path | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.kafka_port = kafka_port
         self.kafka_controller_port = kafka_controller_port
         self.postgres_port = postgres_port
+        self.jaeger_ports = jaeger_ports
         self._kafka = _Kafka(
             folder=self.root / "kafka",
             port=kafka_port,
@@ -147,6 +178,11 @@ class LocalStack:
             pom=kafka_pom or project_root() / "infra" / "kafka" / "pom.xml",
         )
         self._postgres = _Postgres(folder=self.root / "postgres", port=postgres_port)
+        self._jaeger = _Jaeger(
+            folder=self.root / "jaeger",
+            ports=jaeger_ports,
+            module=jaeger_module or project_root() / "infra" / "jaeger",
+        )
 
     @property
     def kafka_relay_ports(self) -> tuple[int, int]:
@@ -161,24 +197,33 @@ class LocalStack:
             database_url=self._postgres.database_url,
         )
 
-    def up(self, *, progress: Progress = _quiet) -> StackEndpoints:
-        """Starts whatever of the stack is not running and waits until both answer.
+    def up(self, *, with_jaeger: bool = False, progress: Progress = _quiet) -> StackEndpoints:
+        """Starts whatever of the stack is not running and waits until all of it answers.
 
-        Returns at once when both already run and answer. Free ports and Java are checked
-        before anything starts. `progress` receives one short line per step, for a person
-        to read. Raises StackError when a component cannot be started or does not become
-        ready; a component that started but never became ready is stopped again.
+        Returns at once when Kafka and PostgreSQL (and Jaeger, when `with_jaeger`) already
+        run and answer. Free ports, Java and, for a Jaeger not yet built, Go are checked, and
+        Jaeger is built, before anything starts. A Jaeger that runs is left running when
+        `with_jaeger` is false. `progress` receives one short line per step, for a person to
+        read. Raises StackError when a component cannot be started or does not become ready;
+        a component that started but never became ready is stopped again.
         """
         with self._locked():
             kafka_pid, postgres_pid = self._kafka.pid(), self._postgres.pid()
+            jaeger_pid = self._jaeger.pid() if with_jaeger else None
             if kafka_pid and postgres_pid and self._kafka.answers() and self._postgres.answers():
                 progress(f"already running: Kafka pid {kafka_pid}, PostgreSQL pid {postgres_pid}")
+                if with_jaeger:
+                    self._bring_up_jaeger(pid=jaeger_pid, progress=progress)
                 return self.endpoints
 
             # Every check comes before the first start, so that a refusal starts nothing.
             java = self._kafka.preflight() if kafka_pid is None else None
             if postgres_pid is None:
                 self._postgres.preflight()
+            jaeger_binary = None
+            if with_jaeger and jaeger_pid is None:
+                self._jaeger.preflight()
+                jaeger_binary = self._jaeger.build(progress=progress)
 
             if java is not None:
                 self._kafka.start(java=java, progress=progress)
@@ -188,27 +233,49 @@ class LocalStack:
                 self._postgres.start(progress=progress)
             else:
                 self._postgres.await_ready(progress=progress)
+            if jaeger_binary is not None:
+                self._jaeger.start(binary=jaeger_binary, progress=progress)
+            elif with_jaeger:
+                self._jaeger.await_ready(progress=progress)
             return self.endpoints
 
     def down(self, *, progress: Progress = _quiet) -> None:
-        """Stops the broker and the server that this stack started, if they run.
+        """Stops the broker, the server and Jaeger that this stack started, if they run.
 
         Signals only the processes recorded in this stack's folder, never anything else
         that holds the ports. Stopping a stopped stack does nothing.
         """
         with self._locked():
+            stopped_jaeger = self._jaeger.stop(progress=progress)
             stopped_kafka = self._kafka.stop(kill=False, progress=progress)
             stopped_postgres = self._postgres.stop(immediate=False, progress=progress)
-        if not (stopped_kafka or stopped_postgres):
+        if not (stopped_kafka or stopped_postgres or stopped_jaeger):
             progress("the local stack is not running")
 
     def env(self) -> dict[str, str]:
-        """The settings' environment variables that point a process at this stack."""
+        """The environment variables that point a process at this stack.
+
+        The OpenTelemetry exporter variables are included only while Jaeger runs, so that a
+        process started without it exports nothing rather than into a closed port.
+        """
         endpoints = self.endpoints
-        return {
+        variables = {
             "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap_servers,
             "DATABASE_URL": endpoints.database_url,
         }
+        if self._jaeger.pid() is not None:
+            variables["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._jaeger.otlp_http_endpoint
+            variables["OTEL_TRACES_EXPORTER"] = "otlp"
+        return variables
+
+    @property
+    def jaeger_query_url(self) -> str:
+        """The base URL of Jaeger's query API and UI, whether it runs or not."""
+        return self._jaeger.query_url
+
+    def jaeger_is_running(self) -> bool:
+        """True when this stack's Jaeger runs and its query API answers."""
+        return self._jaeger.pid() is not None and self._jaeger.answers()
 
     def is_running(self) -> bool:
         """True when both processes of this stack run and answer."""
@@ -245,6 +312,23 @@ class LocalStack:
         """Stops PostgreSQL: fast shutdown, or immediate (no checkpoint, like a crash)."""
         with self._locked():
             self._postgres.stop(immediate=immediate, progress=_quiet)
+
+    def start_jaeger(self, *, progress: Progress = _quiet) -> None:
+        """Builds Jaeger if needed and starts it, if it is not running; waits until it answers."""
+        with self._locked():
+            self._bring_up_jaeger(pid=self._jaeger.pid(), progress=progress)
+
+    def stop_jaeger(self) -> None:
+        """Stops Jaeger, if it runs; the traces it held are gone."""
+        with self._locked():
+            self._jaeger.stop(progress=_quiet)
+
+    def _bring_up_jaeger(self, *, pid: int | None, progress: Progress) -> None:
+        if pid is not None:
+            self._jaeger.await_ready(progress=progress)
+            return
+        self._jaeger.preflight()
+        self._jaeger.start(binary=self._jaeger.build(progress=progress), progress=progress)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -592,6 +676,233 @@ class _Postgres:
         return folder
 
 
+class _Jaeger:
+    """The optional tracing backend: its build, its files, its process, its readiness."""
+
+    def __init__(self, *, folder: Path, ports: JaegerPorts, module: Path) -> None:
+        self.folder = folder
+        self.ports = ports
+        self.module = module
+        self.bin = folder / "bin"
+        self.binary = self.bin / "jaeger"
+        self.binary_stamp = folder / "bin.go-sha256"
+        self.config = folder / "config.yaml"
+        self.log = folder / "jaeger.log"
+        self.build_log = folder / "build.log"
+        self.pid_file = folder / "jaeger.pid"
+
+    @property
+    def query_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.query_http}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.otlp_http}"
+
+    def pid(self) -> int | None:
+        """Jaeger's pid while it runs with this folder's configuration, else None."""
+        return _live_pid(_read_pid(self.pid_file), marker=str(self.config))
+
+    def answers(self) -> bool:
+        """True when the query API returns its list of services."""
+        request = urllib.request.Request(f"{self.query_url}/api/services")
+        try:
+            with urllib.request.urlopen(request, timeout=3.0) as response:
+                body = json.load(response)
+        except (OSError, ValueError):
+            return False
+        # With no traces yet the list of services may come as null.
+        return isinstance(body, dict) and "data" in body
+
+    def preflight(self) -> None:
+        for port in (
+            self.ports.otlp_grpc, self.ports.otlp_http, self.ports.query_http,
+            self.ports.query_grpc,
+        ):
+            _refuse_taken_port(port, hint=JAEGER_HINT)
+
+    def build(self, *, progress: Progress) -> Path:
+        """Builds the binary with Go unless it came from this very module; returns its path."""
+        go_mod, go_sum = self.module / "go.mod", self.module / "go.sum"
+        if not go_mod.is_file():
+            if self.binary.is_file():
+                return self.binary
+            raise StackError(
+                f"the Go module that pins Jaeger, {go_mod}, is missing; run the local stack "
+                f"from a checkout of the project, or {JAEGER_HINT}"
+            )
+        module_hash = hashlib.sha256(
+            go_mod.read_bytes() + (go_sum.read_bytes() if go_sum.is_file() else b"")
+        ).hexdigest()
+        if self.binary.is_file() and _read_text(self.binary_stamp) == module_hash:
+            return self.binary
+
+        go = shutil.which("go")
+        if go is None:
+            raise StackError(
+                f"Go is needed once to build the local Jaeger (go not found on PATH); install "
+                f"Go 1.24 or newer, or {JAEGER_HINT}"
+            )
+        version = _jaeger_version(go_mod)
+        progress(f"building Jaeger {version} with Go (first time only; may take minutes)…")
+        self.bin.mkdir(parents=True, exist_ok=True)
+        # Built under a side name first, so that an interrupted build leaves no half binary.
+        staging = self.bin / f"jaeger.partial-{os.getpid()}"
+        command = [
+            go, "build", "-o", str(staging),
+            # What `jaeger version` and the query API report; a plain build reports nothing.
+            f"-ldflags=-X {JAEGER_PACKAGE_ROOT}/internal/version.latestVersion={version}",
+            JAEGER_PACKAGE,
+        ]
+        # A go.work above the checkout must not swap in other versions of the modules.
+        environment = {**os.environ, "GOWORK": "off"}
+        began = time.monotonic()
+        with open(self.build_log, "wb") as output:
+            try:
+                result = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                    cwd=self.module, env=environment, timeout=GO_BUILD_SECONDS, check=False,
+                )
+                failure = f"exit status {result.returncode}" if result.returncode else None
+            except (OSError, subprocess.TimeoutExpired) as error:
+                failure = str(error)
+        if failure or not staging.is_file():
+            staging.unlink(missing_ok=True)
+            detail = _last_line(self.build_log) or failure or "no binary"
+            raise StackError(f"go build of Jaeger failed ({detail}); see {self.build_log}")
+        staging.replace(self.binary)
+        self.binary_stamp.write_text(module_hash)
+        logger.info("jaeger %s built in %.0f s", version, time.monotonic() - began)
+        progress(f"Jaeger built in {time.monotonic() - began:.0f} s")
+        return self.binary
+
+    def start(self, *, binary: Path, progress: Progress) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self._config_text())
+
+        _set_aside_if_large(self.log)
+        progress(f"starting Jaeger: OTLP on {self.otlp_http_endpoint}, UI on {self.query_url}")
+        with open(self.log, "ab") as output:
+            process = subprocess.Popen(
+                [str(binary), "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                start_new_session=True,
+            )
+        _children[process.pid] = process
+        self.pid_file.write_text(f"{process.pid}\n")
+        logger.info("jaeger started pid=%d query_port=%d", process.pid, self.ports.query_http)
+        try:
+            self.await_ready(progress=progress)
+        except StackError:
+            self.stop(progress=_quiet)
+            raise
+
+    def await_ready(self, *, progress: Progress) -> None:
+        """Waits until the query API answers; fails at once if the process ends meanwhile."""
+        began = time.monotonic()
+        while not self.answers():
+            if self.pid() is None:
+                raise StackError(
+                    f"Jaeger stopped while starting ({_last_error_line(self.log)}); "
+                    f"see {self.log}"
+                )
+            if time.monotonic() - began > JAEGER_READY_SECONDS:
+                raise StackError(
+                    f"Jaeger's query API did not answer on {self.query_url} within "
+                    f"{JAEGER_READY_SECONDS:.0f} s; see {self.log}"
+                )
+            time.sleep(POLL_SECONDS)
+        progress(f"Jaeger ready in {time.monotonic() - began:.1f} s")
+
+    def stop(self, *, progress: Progress) -> bool:
+        """Stops Jaeger if it runs; returns whether it ran."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+
+        progress(f"stopping Jaeger (pid {pid})")
+        _signal(pid, signal.SIGTERM)
+        if not _wait_until_gone(pid, timeout=STOP_SECONDS):
+            logger.warning(
+                "jaeger pid=%d still runs %.0f s after SIGTERM; killing it", pid, STOP_SECONDS
+            )
+            _signal(pid, signal.SIGKILL)
+            _wait_until_gone(pid, timeout=STOP_SECONDS)
+        self.pid_file.unlink(missing_ok=True)
+        logger.info("jaeger stopped pid=%d", pid)
+        progress("Jaeger stopped")
+        return True
+
+    def _config_text(self) -> str:
+        return _JAEGER_CONFIG_TEMPLATE.format(
+            host=LOOPBACK,
+            otlp_grpc=self.ports.otlp_grpc,
+            otlp_http=self.ports.otlp_http,
+            query_http=self.ports.query_http,
+            query_grpc=self.ports.query_grpc,
+        )
+
+
+JAEGER_PACKAGE_ROOT = "github.com/jaegertracing/jaeger"
+JAEGER_PACKAGE = f"{JAEGER_PACKAGE_ROOT}/cmd/jaeger"
+
+# Jaeger's built-in all-in-one configuration binds its query ports on every interface and
+# opens a dozen other ports (Jaeger and Zipkin receivers, sampling, health, metrics); this one
+# keeps to OTLP in and the query API out, all on loopback, traces in memory.
+_JAEGER_CONFIG_TEMPLATE = """\
+# Written by reconciler.localstack on every start.
+service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    resource:
+      service.name: jaeger
+    metrics:
+      level: none
+    logs:
+      level: info
+
+extensions:
+  jaeger_storage:
+    backends:
+      memory_store:
+        memory:
+          max_traces: 100000
+  jaeger_query:
+    storage:
+      traces: memory_store
+    enable_tracing: false
+    http:
+      endpoint: {host}:{query_http}
+    grpc:
+      endpoint: {host}:{query_grpc}
+
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: {host}:{otlp_grpc}
+      http:
+        endpoint: {host}:{otlp_http}
+
+processors:
+  batch:
+    timeout: 200ms
+
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memory_store
+"""
+
+
 @dataclass(frozen=True)
 class _Account:
     name: str
@@ -747,6 +1058,11 @@ def _kafka_version(pom: Path) -> str:
     return node.text.strip() if node is not None and node.text else "(unknown version)"
 
 
+def _jaeger_version(go_mod: Path) -> str:
+    match = re.search(r"github\.com/jaegertracing/jaeger (v\S+)", go_mod.read_text())
+    return match[1] if match else "(unknown version)"
+
+
 def _new_cluster_id() -> str:
     """A random cluster id in Kafka's own form: 16 bytes, URL-safe base64, no padding."""
     while True:
@@ -891,6 +1207,14 @@ def _last_error_line(*paths: Path) -> str:
         if line is not None:
             return line
     return "no error in its log"
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
 
 
 def _error_line(lines: Sequence[str]) -> str | None:

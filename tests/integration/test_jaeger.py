@@ -1,0 +1,230 @@
+"""The local stack's Jaeger, started for real: a span sent over OTLP/HTTP is found again
+through Jaeger's HTTP query API.
+
+Skipped unless RECONCILER_TEST_JAEGER=1, so that CI may leave them out: the first run builds
+Jaeger with Go from `infra/jaeger/` (several minutes on two cores, and the Go module proxy
+must be reachable). Only the check of the message for a missing Go runs always, as it needs
+neither Go nor a build. The stack lives under a temporary folder, on free ports of its own
+for Kafka, PostgreSQL and Jaeger, so it never meets `reconciler dev up`'s stack.
+
+The helpers (`send_span`, `find_trace`, `services`) take the stack's addresses as arguments,
+so a test that runs the demo against this stack can use them as they are. The tests share
+the module's stack and run in file order; the last one takes it down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from reconciler.localstack import (
+    GO_BUILD_SECONDS,
+    JaegerPorts,
+    LocalStack,
+    StackError,
+    project_root,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.jaeger]
+
+needs_jaeger = pytest.mark.skipif(
+    os.environ.get("RECONCILER_TEST_JAEGER") != "1",
+    reason="builds and runs Jaeger; set RECONCILER_TEST_JAEGER=1 to run",
+)
+
+TRACE_WAIT_SECONDS = 15.0
+
+
+def free_jaeger_ports() -> JaegerPorts:
+    return JaegerPorts(
+        otlp_grpc=free_port(), otlp_http=free_port(), query_http=free_port(),
+        query_grpc=free_port(),
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5.0) as response:
+        return json.load(response)
+
+
+def send_span(
+    otlp_http_endpoint: str, *, service: str, operation: str, attributes: dict[str, str]
+) -> str:
+    """Sends one span through the SDK's OTLP/HTTP exporter; returns its trace id in hex.
+
+    A provider of its own, so that the process-wide one of the other tests stays as it is.
+    """
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    exporter = OTLPSpanExporter(endpoint=f"{otlp_http_endpoint}/v1/traces", timeout=10)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        with provider.get_tracer(__name__).start_as_current_span(
+            operation, attributes=attributes
+        ) as span:
+            trace_id = span.get_span_context().trace_id
+    finally:
+        provider.shutdown()
+    return f"{trace_id:032x}"
+
+
+def services(query_url: str) -> list[str]:
+    """The service names Jaeger has seen."""
+    return get_json(f"{query_url}/api/services")["data"] or []
+
+
+def find_trace(
+    query_url: str, service: str, operation: str, *, timeout: float = TRACE_WAIT_SECONDS
+) -> dict[str, Any]:
+    """The newest trace of `service` with a span named `operation`, waiting for it to arrive.
+
+    Spans reach the store through the collector's batch processor, so a trace sent a moment
+    ago may not be found at the first ask. Fails the test when none arrives in `timeout`.
+    """
+    query = urllib.parse.urlencode(
+        {"service": service, "operation": operation, "lookback": "1h", "limit": 20}
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        traces = get_json(f"{query_url}/api/traces?{query}")["data"] or []
+        if traces:
+            return max(traces, key=lambda t: max(s["startTime"] for s in t["spans"]))
+        if time.monotonic() > deadline:
+            pytest.fail(f"no trace of {service!r} with a span {operation!r} in {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def jaeger_pid(stack: LocalStack) -> int:
+    return int((stack.root / "jaeger" / "jaeger.pid").read_text().split()[0])
+
+
+def span_named(trace: dict[str, Any], operation: str) -> dict[str, Any]:
+    return next(span for span in trace["spans"] if span["operationName"] == operation)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    stack = LocalStack(
+        root=tmp_path_factory.mktemp("stack"),
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        postgres_port=free_port(),
+        jaeger_ports=free_jaeger_ports(),
+    )
+    yield stack
+    stack.down()
+
+
+def test_start_jaeger_without_go_on_the_path_asks_for_go_and_starts_nothing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "go.mod").write_bytes((project_root() / "infra" / "jaeger" / "go.mod").read_bytes())
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    stack = LocalStack(
+        root=tmp_path / "stack", jaeger_ports=free_jaeger_ports(), jaeger_module=module
+    )
+
+    with pytest.raises(StackError) as refusal:
+        stack.start_jaeger()
+
+    assert "Go is needed once to build the local Jaeger (go not found on PATH)" in str(
+        refusal.value
+    )
+    assert "\n" not in str(refusal.value)
+    assert not (tmp_path / "stack" / "jaeger" / "jaeger.pid").exists()
+
+
+@needs_jaeger
+# This test brings the stack up, which may include a first build of Jaeger.
+@pytest.mark.timeout(GO_BUILD_SECONDS + 300)
+def test_up_with_jaeger_points_the_environment_at_its_otlp_receiver(stack: LocalStack) -> None:
+    stack.up(with_jaeger=True, progress=print)
+
+    environment = stack.env()
+
+    assert stack.jaeger_is_running()
+    assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == (
+        f"http://127.0.0.1:{stack.jaeger_ports.otlp_http}"
+    )
+    assert environment["OTEL_TRACES_EXPORTER"] == "otlp"
+
+
+@needs_jaeger
+def test_up_with_jaeger_again_keeps_the_process_and_the_binary(stack: LocalStack) -> None:
+    binary = stack.root / "jaeger" / "bin" / "jaeger"
+    pid, built = jaeger_pid(stack), binary.stat().st_mtime_ns
+
+    stack.up(with_jaeger=True)
+
+    assert (jaeger_pid(stack), binary.stat().st_mtime_ns) == (pid, built)
+
+
+@needs_jaeger
+def test_a_span_sent_over_otlp_http_is_found_through_the_query_api(stack: LocalStack) -> None:
+    service = f"test-{uuid.uuid4().hex[:8]}"
+    endpoint = stack.env()["OTEL_EXPORTER_OTLP_ENDPOINT"]
+
+    trace_id = send_span(
+        endpoint, service=service, operation="process pull.configs",
+        attributes={"config_id": "shop-42.sku-7"},
+    )
+    trace = find_trace(stack.jaeger_query_url, service, "process pull.configs")
+
+    span = span_named(trace, "process pull.configs")
+    tags = {tag["key"]: tag["value"] for tag in span["tags"]}
+    assert trace["traceID"] == trace_id
+    assert trace["processes"][span["processID"]]["serviceName"] == service
+    assert tags["config_id"] == "shop-42.sku-7"
+    assert service in services(stack.jaeger_query_url)
+
+
+@needs_jaeger
+def test_jaeger_listens_on_the_loopback_address_only(stack: LocalStack) -> None:
+    pid = jaeger_pid(stack)
+
+    listening = {
+        (connection.laddr.ip, connection.laddr.port)
+        for connection in psutil.Process(pid).net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    }
+
+    ports = stack.jaeger_ports
+    assert listening == {
+        ("127.0.0.1", port)
+        for port in (ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc)
+    }
+
+
+@needs_jaeger
+def test_down_stops_jaeger_and_takes_the_exporter_out_of_the_environment(
+    stack: LocalStack,
+) -> None:
+    pid = jaeger_pid(stack)
+
+    stack.down()
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not stack.jaeger_is_running()
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in stack.env()
