@@ -533,14 +533,27 @@ def dev_env() -> None:
 def demo() -> None:
     """Run the main job on sample input and print a summary; exit 0 only if it ended right."""
     from reconciler.demo import run_demo
+    from reconciler.localstack import default_stack
     from reconciler.logs import setup_logging
-
     from reconciler.telemetry import setup_tracing
 
     settings = load_settings(http_port=0)
+    jaeger = None
+    if settings.uses_local_stack and default_stack().jaeger_is_running():
+        # `dev up --with-jaeger` ran: the demo's traces go there.
+        jaeger = default_stack().jaeger_query_url
+        settings = settings.model_copy(update={
+            "otel_exporter_otlp_endpoint": default_stack().env()["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            "otel_traces_exporter": "otlp",
+        })
     setup_logging(level="WARNING", json_format=False)
-    setup_tracing(settings)
+    provider = setup_tracing(settings)
     ok = run_async(run_demo(settings, console=out), settings)
+    provider.force_flush()
+    if jaeger:
+        out.print(f"traces of this demo: {jaeger}/api/traces?service="
+                  f"{settings.otel_service_name} (Jaeger's query API; find a config change by "
+                  "its `send ….configs` span and follow the links to its pulls)")
     raise SystemExit(0 if ok else 1)
 
 

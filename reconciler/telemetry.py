@@ -41,6 +41,11 @@ def setup_tracing(settings: Settings) -> TracerProvider:
     if otlp_traces_enabled(settings):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        endpoint = settings.otel_exporter_otlp_endpoint
+        exporter = (
+            OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
+            if endpoint else OTLPSpanExporter()
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider

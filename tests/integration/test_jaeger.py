@@ -218,6 +218,35 @@ def test_jaeger_listens_on_the_loopback_address_only(stack: LocalStack) -> None:
 
 
 @needs_jaeger
+@pytest.mark.timeout(600)
+def test_the_demo_trace_of_a_config_change_is_found_with_its_spans(stack: LocalStack) -> None:
+    import subprocess
+    import sys
+
+    environment = {**os.environ, **stack.env(), "OTEL_SERVICE_NAME": "reconciler-demo-test"}
+    demo = subprocess.run([sys.executable, "-m", "reconciler.cli", "demo"], env=environment,
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+
+    query_url = stack.jaeger_query_url
+    found = get_json(f"{query_url}/api/operations?service=reconciler-demo-test")["data"] or []
+    names = {operation["name"] for operation in found}
+    publish = next(name for name in names if name.startswith("send ")
+                   and name.endswith(".configs"))
+    change = find_trace(query_url, "reconciler-demo-test", publish)
+    in_change = {span["operationName"] for span in change["spans"]}
+    topic = publish.removeprefix("send ")
+    assert {publish, f"process {topic}", "reconcile", "start", "lease"} <= in_change
+    start = span_named(change, "start")
+    run_id = next(tag["value"] for tag in start["tags"] if tag["key"] == "run_id")
+
+    pull = find_trace(query_url, "reconciler-demo-test", "pull")
+    assert any(span["operationName"] == "GET" for span in pull["spans"])
+    assert {"pull", "GET"} <= {span["operationName"] for span in pull["spans"]}
+    assert run_id
+
+
+@needs_jaeger
 def test_down_stops_jaeger_and_takes_the_exporter_out_of_the_environment(
     stack: LocalStack,
 ) -> None:
