@@ -172,7 +172,7 @@ class Instance:
             self.http = HttpEndpoints(
                 port=settings.http_port,
                 host=settings.http_host,
-                joined=self.joined.is_set,
+                joined=lambda: self.joined.is_set() and not self.kafka_cut_off,
                 database_answers=self._database_answers,
                 metrics_text=self.metrics.prometheus_text,
             )
@@ -467,6 +467,17 @@ class Instance:
         assert self.supervisor is not None
         action = decision.action
         if action is Action.NOTHING or action is Action.WAIT_FOR_STOP:
+            local = self.supervisor.runs.get(config_id)
+            if (
+                action is Action.NOTHING
+                and local is not None
+                and row is not None
+                and row.config is not None
+                and row.config_version != local.config.version
+            ):
+                # Same content under a new version: the run goes on, and renews its lease
+                # at the version the table now holds.
+                local.config = row.config
             return
         if action in (Action.WAIT_FOR_LEASE, Action.WAIT_FOR_BACKOFF):
             if action is Action.WAIT_FOR_LEASE:
@@ -484,15 +495,22 @@ class Instance:
                 self.queue.add(config_id)
             return
         if action is Action.START:
-            await self._start(config_id, partition=row.source_partition if row else None)
+            await self._start(
+                config_id,
+                partition=row.source_partition if row else None,
+                version=row.config_version if row else None,
+            )
 
-    async def _start(self, config_id: str, *, partition: int | None) -> None:
+    async def _start(
+        self, config_id: str, *, partition: int | None, version: int | None
+    ) -> None:
         assert self.store is not None and self.supervisor is not None
         run_id = uuid.uuid4().hex
         taken_at = time.monotonic()
 
         def started(fence: int) -> dict:
-            return self._event(EVENT_STARTED, config_id, run_id=run_id, fence=fence)
+            return self._event(EVENT_STARTED, config_id, run_id=run_id, fence=fence,
+                               config_version=version)
 
         with tracer.start_as_current_span(
             "start", attributes={"config_id": config_id, "run_id": run_id}
