@@ -221,7 +221,9 @@ class Instance:
             )
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            # A task cleaning up a connection the database dropped must not hold the stop.
+            await asyncio.wait(self._background, timeout=5.0)
         if self.source is not None:
             await self.source.close()
         if self.publisher is not None:
@@ -229,7 +231,7 @@ class Instance:
         if self.store is not None:
             await _bounded(self.store.close(), 10.0, "closing the database pool")
         if self.http is not None:
-            await self.http.stop()
+            await _bounded(self.http.stop(), 5.0, "closing the HTTP endpoints")
         self.metrics.shutdown()
         if self._started:
             log.info("instance stopped", extra={"instance_id": self.instance_id})
