@@ -413,20 +413,16 @@ class _Kafka:
 
     def await_ready(self, *, progress: Progress) -> None:
         """Waits until the broker answers; fails at once if its process ends meanwhile."""
-        began = time.monotonic()
-        while not self.answers():
-            if self.pid() is None:
-                raise StackError(
-                    f"Kafka stopped while starting ({_last_error_line(self.log, self.stdout_log)})"
-                    f"; see {self.log}"
-                )
-            if time.monotonic() - began > KAFKA_READY_SECONDS:
-                raise StackError(
-                    f"Kafka did not answer on {self.bootstrap_servers} within "
-                    f"{KAFKA_READY_SECONDS:.0f} s; see {self.log}"
-                )
-            time.sleep(POLL_SECONDS)
-        progress(f"Kafka ready in {time.monotonic() - began:.1f} s")
+        _await_answer(
+            name="Kafka",
+            answers=self.answers,
+            pid=self.pid,
+            died=lambda: f"({_last_error_line(self.log, self.stdout_log)}); see {self.log}",
+            silent=f"did not answer on {self.bootstrap_servers}",
+            seconds=KAFKA_READY_SECONDS,
+            log=self.log,
+            progress=progress,
+        )
 
     def stop(self, *, kill: bool, progress: Progress) -> bool:
         """Stops the broker if it runs; returns whether it ran."""
@@ -802,20 +798,16 @@ class _Jaeger:
 
     def await_ready(self, *, progress: Progress) -> None:
         """Waits until the query API answers; fails at once if the process ends meanwhile."""
-        began = time.monotonic()
-        while not self.answers():
-            if self.pid() is None:
-                raise StackError(
-                    f"Jaeger stopped while starting ({_last_error_line(self.log)}); "
-                    f"see {self.log}"
-                )
-            if time.monotonic() - began > JAEGER_READY_SECONDS:
-                raise StackError(
-                    f"Jaeger's query API did not answer on {self.query_url} within "
-                    f"{JAEGER_READY_SECONDS:.0f} s; see {self.log}"
-                )
-            time.sleep(POLL_SECONDS)
-        progress(f"Jaeger ready in {time.monotonic() - began:.1f} s")
+        _await_answer(
+            name="Jaeger",
+            answers=self.answers,
+            pid=self.pid,
+            died=lambda: f"({_last_error_line(self.log)}); see {self.log}",
+            silent=f"'s query API did not answer on {self.query_url}",
+            seconds=JAEGER_READY_SECONDS,
+            log=self.log,
+            progress=progress,
+        )
 
     def stop(self, *, progress: Progress) -> bool:
         """Stops Jaeger if it runs; returns whether it ran."""
@@ -1256,3 +1248,26 @@ def _run(
         lines = text.splitlines()
         detail = _error_line(lines) or _last_error_line(log)
         raise StackError(f"{what} failed ({detail}); see {log}")
+
+
+def _await_answer(
+    *,
+    name: str,
+    answers: Callable[[], bool],
+    pid: Callable[[], int | None],
+    died: Callable[[], str],
+    silent: str,
+    seconds: float,
+    log: Path,
+    progress: Progress,
+) -> None:
+    """Polls `answers` until it is true; fails at once when the process is gone."""
+    began = time.monotonic()
+    while not answers():
+        if pid() is None:
+            raise StackError(f"{name} stopped while starting {died()}")
+        if time.monotonic() - began > seconds:
+            separator = "" if silent.startswith("'") else " "
+            raise StackError(f"{name}{separator}{silent} within {seconds:.0f} s; see {log}")
+        time.sleep(POLL_SECONDS)
+    progress(f"{name} ready in {time.monotonic() - began:.1f} s")
