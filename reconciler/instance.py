@@ -58,6 +58,10 @@ tracer = trace.get_tracer("reconciler.instance")
 
 T = TypeVar("T")
 
+# The outbox relay of an instance sends only while its broker answered this recently, so an
+# instance cut off from Kafka leaves the deployment's events to the others.
+BROKER_RECENTLY_SECONDS = 5.0
+
 
 def kafka_connection(settings: Settings) -> KafkaConnection:
     return KafkaConnection(
@@ -142,7 +146,8 @@ class Instance:
         self.source = OrderSource(secrets_dir=settings.secrets_dir)
         await self.source.start()
         self.relay = OutboxRelay(
-            store=self.store, publisher=self.publisher, topic=self.topics.task_events
+            store=self.store, publisher=self.publisher, topic=self.topics.task_events,
+            may_send=self._broker_recently_reached,
         )
         self.supervisor = Supervisor(
             services=LoopServices(
@@ -761,8 +766,14 @@ class Instance:
                 log.error("the broker has been unreachable for %.0f s; stopping every run "
                           "(its partitions belong to another instance by now)", limit)
                 self.assigned = set()
+                # No waiting for acknowledgements that cannot come: each run is revoked,
+                # its queued orders dropped, and its lease released by the reconcile.
                 for config_id in list(self.supervisor.runs):
+                    self.supervisor.abandon(config_id, reason="reassigned")
                     self.queue.add(config_id)
+
+    def _broker_recently_reached(self) -> bool:
+        return time.monotonic() - self._kafka_seen < BROKER_RECENTLY_SECONDS
 
     async def _watch_deadlines_forever(self) -> None:
         assert self.supervisor is not None

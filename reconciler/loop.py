@@ -2,13 +2,17 @@
 
 A pull asks the source for pages from the saved cursor on; each non-empty page's orders go
 to `<p>.orders`, and the page's cursor is saved only after Kafka acknowledged them. Publish
-and save form one critical section that a cancellation does not cut in half (bounded by
-`CRITICAL_SECTION_SECONDS`), so a graceful stop never leaves orders published with the old
-cursor saved; only the wait on the source is abandoned at once.
+and save form one critical section that a cancellation does not cut in half, so a graceful
+stop never leaves orders published with the old cursor saved; only the wait on the source
+is abandoned at once. The section has a bound (`CRITICAL_SECTION_SECONDS`): past it the run
+is revoked, and its orders not yet acknowledged are dropped, never written later.
 
 Before every request and every publish the run checks its lease deadline (monotonic clock,
 moved forward by each renewal); past it the run raises `LeaseLost` and does nothing more.
-Every write to the table carries the run's fencing number and raises `Fenced` when stale.
+The orders of a page carry the same deadline into the producer, which writes none of them
+after it (see `streams.publisher`), so a run frozen or cut off with orders queued cannot
+deliver them once a successor may be running. Every write to the table carries the run's
+fencing number and raises `Fenced` when stale.
 
 The loop ends only by cancellation (a stop) or by an exception: `PullFailed`, `LeaseLost`,
 `Fenced`, or a crash. The supervisor turns that into the run's end event.
@@ -30,7 +34,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import Link
 
 from streams.configs import Config
-from streams.publisher import OutgoingRecord, Publisher
+from streams.publisher import Expired, OutgoingRecord, Publisher
 from streams.tracing import producer_span
 from reconciler.metrics import Metrics
 from reconciler.source import OrderSource, Page, PullFailed, RunIdentity
@@ -39,8 +43,11 @@ from reconciler.store import Fenced, Store
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("reconciler.loop")
 
-# Bound of the publish-then-save section once a stop has been asked for.
-CRITICAL_SECTION_SECONDS = 10.0
+# Bound of the publish-then-save section once a stop has been asked for; below the
+# supervisor's default stop timeout, so a stopped run ends within it.
+CRITICAL_SECTION_SECONDS = 3.0
+# How long a revoked section may take to notice (its writes check the lease first).
+REVOKED_SECTION_SECONDS = 2.0
 
 
 class LeaseLost(Exception):
@@ -68,14 +75,25 @@ class Run:
     # The span context of the run's start: every pull's trace links to it.
     start_context: trace.SpanContext | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
+    # Set when the run must act no more, whatever its lease says; renewals do not undo it.
+    revoked: bool = False
 
     @property
     def identity(self) -> RunIdentity:
         return RunIdentity(config_id=self.config.id, run_id=self.run_id, fence=self.fence)
 
+    def deadline(self) -> float:
+        """The monotonic time after which the run sends and publishes nothing."""
+        return float("-inf") if self.revoked else self.lease_deadline
+
     def check_lease(self) -> None:
+        if self.revoked:
+            raise LeaseLost(f"run {self.run_id} was revoked")
         if time.monotonic() >= self.lease_deadline:
             raise LeaseLost(f"lease of run {self.run_id} ran out before it was renewed")
+
+    def revoke(self) -> None:
+        self.revoked = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +157,10 @@ async def pull(run: Run, services: LoopServices) -> None:
             )
             if not page.orders:
                 if page.next_cursor is not None and page.next_cursor != run.cursor:
-                    await _uninterrupted(_save_cursor(run, services, page.next_cursor))
+                    await _uninterrupted(run, _save_cursor(run, services, page.next_cursor))
                 return
             run.check_lease()
-            await _uninterrupted(_publish_page(run, services, page))
+            await _uninterrupted(run, _publish_page(run, services, page))
 
 
 async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:
@@ -172,7 +190,11 @@ async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
         )
         for order in page.orders
     ]
-    await services.publisher.send_all(services.orders_topic, records)
+    try:
+        await services.publisher.send_all(services.orders_topic, records, deadline=run.deadline)
+    except Expired:
+        raise LeaseLost(f"the lease of run {run.run_id} ended before Kafka acknowledged "
+                        f"its orders; they are dropped") from None
 
 
 async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:
@@ -211,20 +233,31 @@ async def _write(run: Run, operation: Callable[[], Awaitable[None]]) -> None:
             delay = min(1.0, delay * 2)
 
 
-async def _uninterrupted(coro) -> None:
-    """Finish `coro` even if the caller is cancelled meanwhile, then re-raise the cancel."""
+async def _uninterrupted(run: Run, coro) -> None:
+    """Finish `coro` even if the caller is cancelled meanwhile, then re-raise the cancel.
+
+    Past `CRITICAL_SECTION_SECONDS` after the cancel the run is revoked: its unacknowledged
+    orders are dropped and its next write refused, so the section ends promptly.
+    """
     inner = asyncio.ensure_future(coro)
     try:
         await asyncio.shield(inner)
     except asyncio.CancelledError:
         if not inner.done():
-            try:
-                await asyncio.wait_for(inner, CRITICAL_SECTION_SECONDS)
-            except TimeoutError:
-                log.warning("a publish-and-save section did not finish within %.0f s; "
-                            "abandoned", CRITICAL_SECTION_SECONDS)
-            except Exception as error:
-                log.warning("a publish-and-save section failed while stopping: %s", error)
+            done, _ = await asyncio.wait({inner}, timeout=CRITICAL_SECTION_SECONDS)
+            if not done:
+                log.warning("a publish-and-save section did not finish within %.0f s of the "
+                            "stop; its unacknowledged orders are dropped",
+                            CRITICAL_SECTION_SECONDS,
+                            extra={"config_id": run.config.id, "run_id": run.run_id})
+                run.revoke()
+                done, _ = await asyncio.wait({inner}, timeout=REVOKED_SECTION_SECONDS)
+            if done:
+                error = inner.exception() if not inner.cancelled() else None
+                if error is not None and not isinstance(error, LeaseLost):
+                    log.warning("a publish-and-save section failed while stopping: %s", error)
+            else:
+                inner.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
 
 

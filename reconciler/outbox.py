@@ -7,9 +7,14 @@ sends at a time: it takes the oldest rows in id order, sends them with the idemp
 producer, waits for the acknowledgement and deletes them before committing. A single sender
 in id order keeps every config's events in the order of its state changes (the config's row
 lock serialises those), so a successor's `started` never overtakes the `stopped` of the run
-before it, even across instances. The lock lasts one batch only, and the relay's session
-is ended by PostgreSQL if it sits in that transaction too long, so an instance that froze or
-lost the broker mid-batch does not hold everyone's events.
+before it, even across instances. The lock lasts one batch only, and a batch has a deadline
+(`BATCH_SECONDS`): events not acknowledged by then are dropped by the producer, never written
+later, the transaction rolls back and another relay may send them. PostgreSQL ends the
+relay's session if it sits in the transaction longer than that (a frozen relay), and a relay
+sends nothing while its instance cannot reach the broker. So an instance that froze or lost
+the broker mid-batch holds everyone's events for seconds at most, and an event is sent twice
+only if a request carrying it was already on the wire at the deadline and the broker's
+acknowledgement was lost.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import OrderedDict
+from typing import Callable
 
 from streams.lifecycle import encode_lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
@@ -28,14 +35,18 @@ log = logging.getLogger(__name__)
 BATCH = 500
 REMEMBERED = 100_000
 POLL_SECONDS = 1.0
-# Longer than the producer's request timeout (30 s), so only a frozen relay hits it.
-IDLE_IN_BATCH_SECONDS = 45.0
+# A batch's deadline for the broker's acknowledgements.
+BATCH_SECONDS = 5.0
+# Longer than a batch's deadline, so only a frozen relay hits it.
+IDLE_IN_BATCH_SECONDS = 10.0
 _RELAY_LOCK = 0x6F7574626F78
 
 
 class OutboxRelay:
-    def __init__(self, *, store: Store, publisher: Publisher, topic: str) -> None:
+    def __init__(self, *, store: Store, publisher: Publisher, topic: str,
+                 may_send: Callable[[], bool] = lambda: True) -> None:
         self._store = store
+        self._may_send = may_send
         self._publisher = publisher
         self._topic = topic
         self._wakeup = asyncio.Event()
@@ -95,6 +106,8 @@ class OutboxRelay:
 
     async def _send_batch(self) -> bool:
         """Send one batch if no other relay is sending; True when more may be waiting."""
+        if not self._may_send():
+            return False
         async with self._store.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute(
@@ -123,9 +136,9 @@ class OutboxRelay:
                         OutgoingRecord(key=row["config_id"].encode(), value=value,
                                        headers=headers)
                     )
-                # No timeout of our own here: cutting the wait short would lose which events
-                # were acknowledged; the producer's request timeout bounds it.
-                errors = await self._publisher.send_each(self._topic, records)
+                deadline = time.monotonic() + BATCH_SECONDS
+                errors = await self._publisher.send_each(self._topic, records,
+                                                         deadline=lambda: deadline)
                 for row, error in zip(unsent, errors):
                     if error is None:
                         self._remember(row["id"])

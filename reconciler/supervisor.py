@@ -114,7 +114,8 @@ class Supervisor:
             return Outcome(Ending.STOPPED, reason=run.stop_reason or "shutdown")
         error = task.exception()
         if isinstance(error, LeaseLost):
-            return Outcome(Ending.STOPPED, reason="lease-lost")
+            # A revoked run says why it was revoked; otherwise its lease ran out.
+            return Outcome(Ending.STOPPED, reason=run.stop_reason or "lease-lost")
         if isinstance(error, Fenced):
             return Outcome(Ending.FENCED)
         if isinstance(error, PullFailed):
@@ -130,7 +131,7 @@ class Supervisor:
         A run whose row was not renewed keeps its current deadline and stops at it
         (`lease-lost`) unless a reconcile stops it first with a better reason.
         """
-        live = [run for run in self.runs.values() if not run.task.done()]
+        live = [run for run in self.runs.values() if not run.task.done() and not run.revoked]
         if not live:
             return
         sent = time.monotonic()
@@ -156,6 +157,15 @@ class Supervisor:
                 )
                 run.stop_reason = "lease-lost"
                 run.task.cancel()
+
+    def abandon(self, config_id: str, *, reason: str) -> None:
+        """Stop a run at once, dropping whatever it has not finished: for a run whose
+        successor may start elsewhere any moment (this instance lost the broker)."""
+        run = self.runs[config_id]
+        if run.stop_reason is None:
+            run.stop_reason = reason
+        run.revoke()
+        run.task.cancel()
 
     async def cancel_all(self, *, reason: str) -> None:
         """For shutdown: cancel every loop and wait, bounded, for all of them to end."""

@@ -1,0 +1,90 @@
+"""The producer's deadline: records whose send passed its deadline are never written after
+it, whether the broker was unreachable or the process stood still with them queued."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from streams.publisher import Expired, OutgoingRecord, Publisher
+from tests.integration.harness import Deployment, wait_for
+from tests.integration.relay import Relay
+
+pytestmark = pytest.mark.integration
+
+
+def records(tag: str, count: int) -> list[OutgoingRecord]:
+    return [OutgoingRecord(key=f"{tag}-{n}".encode(), value=tag.encode(), headers=[])
+            for n in range(count)]
+
+
+def written(deployment: Deployment, tag: str) -> int:
+    return sum(1 for r in deployment.orders if r.value == tag.encode())
+
+
+async def test_records_queued_while_the_process_stood_still_past_their_deadline_are_dropped(
+    deployment: Deployment,
+) -> None:
+    publisher = Publisher(deployment.connection)
+    await publisher.start()
+    try:
+        topic = deployment.topics.orders
+        await publisher.send_all(topic, records("warm-up", 1))  # metadata is known
+
+        deadline = time.monotonic() + 0.3
+        send = asyncio.create_task(
+            publisher.send_all(topic, records("frozen", 20), deadline=lambda: deadline)
+        )
+        await asyncio.sleep(0)  # the records are queued in the producer, not yet written
+        time.sleep(0.6)  # the whole process stands still past the deadline
+        with pytest.raises(Expired):
+            await send
+
+        # Another send that was caught in the refusal goes again on a new producer.
+        await publisher.send_all(topic, records("after", 5))
+        await wait_for(lambda: written(deployment, "after") == 5, timeout=30,
+                       what="the later records")
+        await asyncio.sleep(1.0)
+        assert written(deployment, "frozen") == 0
+    finally:
+        await publisher.stop()
+
+
+async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_arrive(
+    deployment: Deployment, stack,
+) -> None:
+    relay_port, relayed_port = stack.kafka_relay_ports
+    relay = Relay(target_port=relayed_port, listen_port=relay_port)
+    await relay.start()
+    connection = dataclasses.replace(deployment.connection,
+                                     bootstrap_servers=f"127.0.0.1:{relay_port}")
+    publisher = Publisher(connection)
+    try:
+        await publisher.start()
+        topic = deployment.topics.orders
+        await publisher.send_all(topic, records("before", 3))
+
+        relay.cut()
+        deadline = time.monotonic() + 2.0
+        lenient = asyncio.create_task(publisher.send_all(topic, records("lenient", 4)))
+        with pytest.raises(Expired):
+            await publisher.send_all(topic, records("cut", 10), deadline=lambda: deadline)
+        assert time.monotonic() - deadline < 1.0
+
+        relay.restore()
+        # A send without a deadline caught in the refusal is sent again and arrives.
+        await asyncio.wait_for(lenient, 60)
+        await publisher.send_all(topic, records("restored", 2))
+        await wait_for(lambda: written(deployment, "restored") == 2, timeout=30,
+                       what="records sent after the cut")
+        await wait_for(lambda: written(deployment, "lenient") >= 4, timeout=30,
+                       what="the send without a deadline")
+        await asyncio.sleep(2.0)
+        assert written(deployment, "before") == 3
+        assert written(deployment, "cut") == 0
+    finally:
+        await publisher.stop()
+        await relay.stop()
