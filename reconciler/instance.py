@@ -146,8 +146,8 @@ class Instance:
         self.source = OrderSource(secrets_dir=settings.secrets_dir)
         await self.source.start()
         self.relay = OutboxRelay(
-            store=self.store, publisher=self.publisher, topic=self.topics.task_events,
-            may_send=self._broker_recently_reached,
+            store=self.store, publisher=self.publisher, connection=connection,
+            topic=self.topics.task_events, may_send=self._broker_recently_reached,
         )
         self.supervisor = Supervisor(
             services=LoopServices(

@@ -7,14 +7,21 @@ sends at a time: it takes the oldest rows in id order, sends them with the idemp
 producer, waits for the acknowledgement and deletes them before committing. A single sender
 in id order keeps every config's events in the order of its state changes (the config's row
 lock serialises those), so a successor's `started` never overtakes the `stopped` of the run
-before it, even across instances. The lock lasts one batch only, and a batch has a deadline
-(`BATCH_SECONDS`): events not acknowledged by then are dropped by the producer, never written
-later, the transaction rolls back and another relay may send them. PostgreSQL ends the
-relay's session if it sits in the transaction longer than that (a frozen relay), and a relay
-sends nothing while its instance cannot reach the broker. So an instance that froze or lost
-the broker mid-batch holds everyone's events for seconds at most, and an event is sent twice
-only if a request carrying it was already on the wire at the deadline and the broker's
-acknowledgement was lost.
+before it, even across instances.
+
+The lock lasts one batch only, and a batch has a deadline (`BATCH_SECONDS`): events not
+acknowledged by then are dropped by the producer, never written later, and the transaction
+rolls back. PostgreSQL ends the relay's session if it sits in the transaction longer than
+that (a frozen relay), and a relay sends nothing while its instance cannot reach the
+broker. So an instance that froze or lost the broker mid-batch holds everyone's events for
+seconds at most.
+
+Never twice: before sending, a batch's rows are marked as attempted in a commit of their
+own. A row still in the table with an attempt this relay did not see acknowledged may have
+reached Kafka (its relay died between the acknowledgement and the delete, or gave up while
+a request was on the wire): before anything is sent past it, the tail of the topic is read,
+and rows whose event is there are deleted instead of sent again. What is left is a request
+that was on the wire at a deadline and appended after that check, a race of milliseconds.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.connection import KafkaConnection
 from streams.lifecycle import encode_lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
 from reconciler.store import Store
@@ -39,28 +49,43 @@ POLL_SECONDS = 1.0
 BATCH_SECONDS = 5.0
 # Longer than a batch's deadline, so only a frozen relay hits it.
 IDLE_IN_BATCH_SECONDS = 10.0
+# Records read back per partition when looking for events that may have been sent: every
+# record written after a doubtful attempt belongs to that attempt's batch or the one before.
+LOOKBACK = 4 * BATCH
+LOOKBACK_SECONDS = 15.0
 _RELAY_LOCK = 0x6F7574626F78
 
 
 class OutboxRelay:
-    def __init__(self, *, store: Store, publisher: Publisher, topic: str,
-                 may_send: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, *, store: Store, publisher: Publisher, connection: KafkaConnection,
+                 topic: str, may_send: Callable[[], bool] = lambda: True) -> None:
         self._store = store
-        self._may_send = may_send
         self._publisher = publisher
+        self._connection = connection
         self._topic = topic
+        self._may_send = may_send
         self._wakeup = asyncio.Event()
         self.sent = 0
+        self.found_sent = 0
         # Outbox row ids Kafka acknowledged, until their delete is committed.
         self._acknowledged: OrderedDict[int, None] = OrderedDict()
+        # Row id → attempt number whose event was looked for in the topic and not found.
+        self._not_found: OrderedDict[int, int] = OrderedDict()
 
     def wake(self) -> None:
         self._wakeup.set()
 
-    def _remember(self, row_id: int) -> None:
-        self._acknowledged[row_id] = None
-        while len(self._acknowledged) > REMEMBERED:
-            self._acknowledged.popitem(last=False)
+    @staticmethod
+    def _remember(memory: OrderedDict, row_id: int, value=None) -> None:
+        memory[row_id] = value
+        memory.move_to_end(row_id)
+        while len(memory) > REMEMBERED:
+            memory.popitem(last=False)
+
+    def _doubtful(self, row) -> bool:
+        """A row attempted before without an acknowledgement this relay saw."""
+        return (row["attempt"] > 0 and row["id"] not in self._acknowledged
+                and self._not_found.get(row["id"]) != row["attempt"])
 
     async def wait_until_sent(self, *, timeout: float) -> bool:
         """Wait, bounded, until the outbox is empty; for a graceful shutdown."""
@@ -108,6 +133,7 @@ class OutboxRelay:
         """Send one batch if no other relay is sending; True when more may be waiting."""
         if not self._may_send():
             return False
+        await self._settle_doubtful()
         async with self._store.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute(
@@ -121,35 +147,110 @@ class OutboxRelay:
                     await asyncio.sleep(0.05)
                     return False
                 rows = await conn.fetch(
-                    "SELECT id, config_id, event FROM lifecycle_outbox ORDER BY id LIMIT $1",
+                    "SELECT id, config_id, event, attempt FROM lifecycle_outbox "
+                    "ORDER BY id LIMIT $1",
                     BATCH,
                 )
                 if not rows:
                     return False
                 # Rows acknowledged earlier whose delete did not commit (the database went
-                # away) are deleted now, not sent again.
-                unsent = [row for row in rows if row["id"] not in self._acknowledged]
-                records = []
-                for row in unsent:
-                    value, headers = encode_lifecycle_event(json.loads(row["event"]))
-                    records.append(
-                        OutgoingRecord(key=row["config_id"].encode(), value=value,
-                                       headers=headers)
-                    )
-                deadline = time.monotonic() + BATCH_SECONDS
-                errors = await self._publisher.send_each(self._topic, records,
-                                                         deadline=lambda: deadline)
-                for row, error in zip(unsent, errors):
-                    if error is None:
-                        self._remember(row["id"])
+                # away) are deleted now, not sent again; nothing is sent past a row that
+                # may have been sent by someone else until the topic has been checked.
+                unsent = []
+                for row in rows:
+                    if self._doubtful(row):
+                        break
+                    if row["id"] not in self._acknowledged:
+                        unsent.append(row)
+                errors: list[BaseException | None] = []
+                if unsent:
+                    await self._store.mark_outbox_attempted([row["id"] for row in unsent])
+                    records = []
+                    for row in unsent:
+                        value, headers = encode_lifecycle_event(json.loads(row["event"]))
+                        records.append(OutgoingRecord(key=row["config_id"].encode(),
+                                                      value=value, headers=headers))
+                    deadline = time.monotonic() + BATCH_SECONDS
+                    errors = await self._publisher.send_each(self._topic, records,
+                                                             deadline=lambda: deadline)
+                    for row, error in zip(unsent, errors):
+                        if error is None:
+                            self._remember(self._acknowledged, row["id"])
                 done = [row["id"] for row in rows if row["id"] in self._acknowledged]
                 await conn.execute(
                     "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])", done
                 )
         for row_id in done:
             self._acknowledged.pop(row_id, None)
+            self._not_found.pop(row_id, None)
         failed = next((error for error in errors if error is not None), None)
         if failed is not None:
             raise failed
         self.sent += len(done)
-        return len(rows) == BATCH
+        return len(rows) == BATCH or any(self._doubtful(row) for row in rows)
+
+    async def _settle_doubtful(self) -> None:
+        """Delete the doubtful rows whose event is in the topic; remember the others as
+        looked for, at their current attempt."""
+        rows = await self._store.pool.fetch(
+            "SELECT id, event, attempt FROM lifecycle_outbox WHERE attempt > 0 "
+            "ORDER BY id LIMIT $1",
+            BATCH,
+        )
+        doubtful = [row for row in rows if self._doubtful(row)]
+        if not doubtful:
+            return
+        wanted = {json.loads(row["event"])["id"]: row["id"] for row in doubtful}
+        found = await asyncio.wait_for(self._find_in_topic(set(wanted)), LOOKBACK_SECONDS)
+        sent = [wanted[event_id] for event_id in found]
+        if sent:
+            await self._store.pool.execute(
+                "DELETE FROM lifecycle_outbox WHERE id = ANY($1::bigint[])", sent
+            )
+            self.found_sent += len(sent)
+            log.warning("%d lifecycle events found already sent by an earlier attempt; "
+                        "deleted from the outbox instead of sent again", len(sent))
+        for row in doubtful:
+            if row["id"] not in sent:
+                self._remember(self._not_found, row["id"], row["attempt"])
+
+    async def _find_in_topic(self, event_ids: set[str]) -> set[str]:
+        """Which of these CloudEvent ids are among the last `LOOKBACK` records of each
+        partition of the topic."""
+        consumer = AIOKafkaConsumer(
+            **self._connection.client_options(), group_id=None, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(self._topic, p)
+                          for p in sorted(await self._publisher.partitions_for(self._topic))]
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)
+            starts = await consumer.beginning_offsets(partitions)
+            remaining = set()
+            for tp in partitions:
+                if ends[tp] > starts[tp]:
+                    consumer.seek(tp, max(starts[tp], ends[tp] - LOOKBACK))
+                    remaining.add(tp)
+            found: set[str] = set()
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=500)
+                for tp, records in batch.items():
+                    for record in records:
+                        event_id = _event_id(record.value)
+                        if event_id in event_ids:
+                            found.add(event_id)
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+            return found
+        finally:
+            await consumer.stop()
+
+
+def _event_id(value: bytes | None) -> str | None:
+    try:
+        event = json.loads(value or b"")
+    except ValueError:
+        return None
+    return event.get("id") if isinstance(event, dict) else None

@@ -82,6 +82,11 @@ MIGRATIONS: list[str] = [
         runs         integer NOT NULL DEFAULT 0
     );
     """,
+    # How often the relay tried to send each event, committed before each try: a row tried
+    # but still here may have reached Kafka, and is looked for there before it is sent again.
+    """
+    ALTER TABLE lifecycle_outbox ADD COLUMN attempt integer NOT NULL DEFAULT 0;
+    """,
 ]
 
 # Any constant works; it only has to be the same for every instance of the product.
@@ -643,6 +648,13 @@ class Store:
             "INSERT INTO lifecycle_outbox (config_id, event) VALUES ($1, $2::jsonb)",
             config_id,
             json.dumps(event),
+        )
+
+    async def mark_outbox_attempted(self, ids: list[int]) -> None:
+        await self._pool.execute(
+            "UPDATE lifecycle_outbox SET attempt = attempt + 1 WHERE id = ANY($1::bigint[])",
+            ids,
+            timeout=self._timeout,
         )
 
     async def enabled_not_running(self, *, longer_than: float) -> int:

@@ -231,6 +231,14 @@ def end_counts(events: list[dict]) -> dict[str, int]:
     return counts
 
 
+def runs_without_one_end(deployment: "Deployment") -> list[tuple]:
+    """Every event of each run that has no end event or more than one, for a failure."""
+    counts = end_counts(deployment.events)
+    return [(e["type"].rsplit(".", 1)[1], e["data"]["reason"], e["data"]["config_id"],
+             e["data"]["run_id"][:8], e["id"][:8], e["source"], e["time"], e["data"]["error"])
+            for e in deployment.events if counts.get(e["data"]["run_id"]) != 1]
+
+
 def active_runs(events: list[dict]) -> dict[str, str]:
     """Config id → run id of runs that started and have not ended, by the events."""
     active: dict[str, str] = {}

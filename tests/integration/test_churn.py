@@ -32,7 +32,14 @@ from typing import Any
 import pytest
 
 from reconciler.instance import Instance
-from tests.integration.harness import Deployment, active_runs, end_counts, rows, wait_for
+from tests.integration.harness import (
+    Deployment,
+    active_runs,
+    end_counts,
+    rows,
+    runs_without_one_end,
+    wait_for,
+)
 from tests.integration.test_failover import every_start_has_one_end, spawn_group, stop_all
 
 pytestmark = pytest.mark.integration
@@ -319,7 +326,8 @@ async def test_churn_over_100_configs_with_an_instance_killed_midway_converges_w
         await stop_all(deployment, processes)
         exit_codes = {name: process.returncode for name, process in processes.items()}
         await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
-                       what="exactly one end event for every run")
+                       what="exactly one end event for every run",
+                       show=lambda: runs_without_one_end(deployment))
     finally:
         counts = event_counts(deployment.events)
         print(f"chaos summary: operations={OPERATIONS} configs={CONFIGS} "
@@ -354,10 +362,10 @@ class SlowPublishing:
         publisher = instance.publisher
         send_all = publisher.send_all
 
-        async def slow_send_all(topic, records):
+        async def slow_send_all(topic, records, **options):
             if topic == orders_topic and self.on:
                 await asyncio.sleep(self.rng.uniform(1.0, 3.0))
-            await send_all(topic, records)
+            await send_all(topic, records, **options)
 
         publisher.send_all = slow_send_all
 
@@ -462,5 +470,6 @@ async def test_back_to_back_rebalances_with_slow_stopping_loops_keep_registries_
     for instance in list(live):
         await deployment.stop_instance(instance)
     await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
-                   what="exactly one end event for every run")
+                   what="exactly one end event for every run",
+                   show=lambda: runs_without_one_end(deployment))
     assert deployment.source.overlaps() == []

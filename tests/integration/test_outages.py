@@ -63,11 +63,6 @@ class SteadyLoad:
         return {i for i, doc in self.last.items() if doc["enabled"]}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defects (README, limitations): across a broker restart, orders buffered "
-    "for an ended run can be delivered late and the outbox relay can send an event twice",
-)
 async def test_broker_then_database_restarted_under_load_lose_no_change_and_converge(
     deployment: Deployment, stack,
 ) -> None:

@@ -1,0 +1,114 @@
+"""The outbox relay sends each lifecycle event once, even when the relay that sent it died
+before it could delete the rows, and sends what a dead relay only tried to send."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import uuid
+
+import pytest
+
+from streams.lifecycle import lifecycle_event
+from reconciler.outbox import OutboxRelay
+from reconciler.store import Store
+from tests.integration.harness import Deployment, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Died(Exception):
+    """The relay's process ended at this point."""
+
+
+async def open_store(deployment: Deployment) -> Store:
+    store = await Store.connect(deployment.settings.database_url, instance_id="relay-test",
+                                boot_id=uuid.uuid4().hex, pool_size=4, timeout=10)
+    await store.migrate()
+    return store
+
+
+async def insert_events(store: Store, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        event = lifecycle_event(event_type="pull.task.started", config_id=f"cfg-{n}",
+                                run_id=uuid.uuid4().hex, instance_id="a", emitter_id="a",
+                                fence=1, config_version=None)
+        await store.pool.execute(
+            "INSERT INTO lifecycle_outbox (config_id, event) VALUES ($1, $2::jsonb)",
+            f"cfg-{n}", json.dumps(event),
+        )
+        ids.append(event["id"])
+    return ids
+
+
+def relay_for(deployment: Deployment, store: Store) -> OutboxRelay:
+    return OutboxRelay(store=store, publisher=deployment.publisher,
+                       connection=deployment.connection, topic=deployment.topics.task_events)
+
+
+async def drain(relay: OutboxRelay, store: Store) -> None:
+    async def empty() -> bool:
+        await relay._send_batch()
+        return await store.outbox_depth() == 0
+    await wait_for(empty, timeout=30, what="an empty outbox")
+
+
+async def test_events_a_dead_relay_had_sent_are_found_in_the_topic_and_not_sent_again(
+    deployment: Deployment,
+) -> None:
+    store = await open_store(deployment)
+    try:
+        ids = await insert_events(store, 40)
+        dying = relay_for(deployment, store)
+        send_each = deployment.publisher.send_each
+
+        async def send_then_die(topic, records, **options):
+            await send_each(topic, records, **options)
+            raise Died()  # acknowledged by Kafka, never deleted from the outbox
+
+        dying._publisher = type("P", (), {"send_each": staticmethod(send_then_die)})()
+        with pytest.raises(Died):
+            await dying._send_batch()
+        assert await store.outbox_depth() == 40
+
+        successor = relay_for(deployment, store)
+        await drain(successor, store)
+        assert successor.found_sent == 40
+
+        await wait_for(lambda: len(deployment.events) >= 40, timeout=30, what="the events")
+        await asyncio.sleep(1.0)
+        counts = collections.Counter(e["id"] for e in deployment.events)
+        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+    finally:
+        await store.close()
+
+
+async def test_events_a_dead_relay_only_tried_to_send_are_sent_once_by_the_next(
+    deployment: Deployment,
+) -> None:
+    store = await open_store(deployment)
+    try:
+        ids = await insert_events(store, 25)
+        dying = relay_for(deployment, store)
+
+        async def die_before_sending(topic, records, **options):
+            raise Died()
+
+        dying._publisher = type("P", (), {"send_each": staticmethod(die_before_sending)})()
+        with pytest.raises(Died):
+            await dying._send_batch()
+        attempts = await store.pool.fetch("SELECT attempt FROM lifecycle_outbox")
+        assert [r["attempt"] for r in attempts] == [1] * 25
+
+        successor = relay_for(deployment, store)
+        await drain(successor, store)
+        assert successor.found_sent == 0
+
+        await wait_for(lambda: len(deployment.events) >= 25, timeout=30, what="the events")
+        await asyncio.sleep(1.0)
+        counts = collections.Counter(e["id"] for e in deployment.events)
+        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+    finally:
+        await store.close()
