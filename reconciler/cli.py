@@ -340,8 +340,8 @@ def _instance_lines(instances: list[dict], rows: list[dict]) -> list[str]:
     """One line per instance seen in the last ten minutes: what it holds and runs."""
     held: dict[str, int] = {}
     for row in rows:
-        if row["owner"] and row["state"] in ("running", "stopping"):
-            held[row["owner"]] = held.get(row["owner"], 0) + 1
+        if row["owner_boot"] and row["state"] in ("running", "stopping"):
+            held[row["owner_boot"]] = held.get(row["owner_boot"], 0) + 1
     lines = []
     for instance in instances:
         if instance["stopped"]:
@@ -353,7 +353,7 @@ def _instance_lines(instances: list[dict], rows: list[dict]) -> list[str]:
         partitions = ",".join(str(p) for p in instance["partitions"]) or "none"
         lines.append(
             f"instance {instance['instance_id']} (boot {instance['boot_id'][:8]}): {status}; "
-            f"partitions {partitions}; {held.get(instance['instance_id'], 0)} leases held"
+            f"partitions {partitions}; {held.get(instance['boot_id'], 0)} leases held"
         )
     return lines
 
@@ -373,7 +373,7 @@ async def _status_rows(settings: Settings) -> tuple[list[dict], list[dict]]:
             SELECT config_id, enabled, deleted, config_version, state, run_id, fence, owner,
                    EXTRACT(EPOCH FROM (lease_expires_at - now()))::float8 AS lease_seconds_left,
                    started_at, stopped_at, last_pull_at, last_error, attempts, retry_at,
-                   cursor, updated_at
+                   cursor, updated_at, owner_boot
             FROM pull_tasks ORDER BY config_id
             """
         )

@@ -169,3 +169,23 @@ async def test_status_prints_one_line_per_live_instance(deployment: Deployment) 
     assert len(line) == 1
     assert line[0].startswith(f"instance {deployment.settings.instance_id} (boot ")
     assert "alive" in line[0] and "1 leases held" in line[0]
+
+
+async def test_status_counts_leases_by_boot_so_an_earlier_boot_holds_none(
+    deployment: Deployment,
+) -> None:
+    first = await deployment.start_instance()
+    await deployment.put("a", interval=0.5)
+    await wait_for(lambda: deployment.events_of("a", "started"), timeout=15, what="start")
+    await deployment.stop_instance(first)
+    await deployment.start_instance()
+    await wait_for(lambda: len(deployment.events_of("a", "started")) == 2, timeout=30,
+                   what="a start by the second boot")
+
+    result = await cli(deployment, "status")
+
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("instance ")]
+    assert len(lines) == 2, lines
+    assert "stopped" in lines[0] and "0 leases held" in lines[0]
+    assert "alive" in lines[1] and "1 leases held" in lines[1]
