@@ -27,6 +27,11 @@ STOP_REASONS = ("disabled", "deleted", "reconfigured", "reassigned", "lease-lost
                 "lease-expired", "shutdown")
 
 
+# Reconciles take milliseconds and reactions should too; outages stretch them to minutes.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+
+
 class Metrics:
     def __init__(
         self,
@@ -49,10 +54,12 @@ class Metrics:
         )
         self.reconcile_duration = meter.create_histogram(
             "reconciler.reconcile.duration", unit="s", description="Time one reconcile took",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.action_lag = meter.create_histogram(
             "reconciler.action.lag", unit="s",
             description="From a config record's timestamp to the start or stop it caused",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.runs_started = meter.create_counter(
             "reconciler.runs.started", unit="{run}", description="Runs started")
