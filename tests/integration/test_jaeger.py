@@ -5,7 +5,10 @@ Skipped unless RECONCILER_TEST_JAEGER=1, so that CI may leave them out: the firs
 Jaeger with Go from `infra/jaeger/` (several minutes on two cores, and the Go module proxy
 must be reachable). Only the check of the message for a missing Go runs always, as it needs
 neither Go nor a build. The stack lives under a temporary folder, on free ports of its own
-for Kafka, PostgreSQL and Jaeger, so it never meets `reconciler dev up`'s stack.
+for Kafka, PostgreSQL and Jaeger, so it never meets `reconciler dev up`'s stack. With
+RECONCILER_TEST_STACK=<kafka>,<controller>,<postgres> it is that stack instead (in
+`.stack-<kafka>/`, as for the other integration tests), with Jaeger on its default ports, so
+the binary built there is kept for the next run.
 
 The helpers (`send_span`, `find_trace`, `services`) take the stack's addresses as arguments,
 so a test that runs the demo against this stack can use them as they are. The tests share
@@ -124,15 +127,27 @@ def span_named(trace: dict[str, Any], operation: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(
-        root=tmp_path_factory.mktemp("stack"),
-        kafka_port=free_port(),
-        kafka_controller_port=free_port(),
-        postgres_port=free_port(),
-        jaeger_ports=free_jaeger_ports(),
-    )
+    ports = os.environ.get("RECONCILER_TEST_STACK")
+    if ports:
+        kafka, controller, postgres = (int(p) for p in ports.split(","))
+        stack = LocalStack(root=project_root() / f".stack-{kafka}", kafka_port=kafka,
+                           kafka_controller_port=controller, postgres_port=postgres)
+    else:
+        stack = LocalStack(
+            root=tmp_path_factory.mktemp("stack"),
+            kafka_port=free_port(),
+            kafka_controller_port=free_port(),
+            postgres_port=free_port(),
+            jaeger_ports=free_jaeger_ports(),
+        )
+    was_running = stack.is_running()
     yield stack
-    stack.down()
+    if was_running:
+        # The session's other tests may still need the broker and the database it had.
+        stack.stop_jaeger()
+        stack.up()
+    else:
+        stack.down()
 
 
 def test_start_jaeger_without_go_on_the_path_asks_for_go_and_starts_nothing(
