@@ -256,7 +256,8 @@ class LocalStack:
         """The environment variables that point a process at this stack.
 
         The OpenTelemetry exporter variables are included only while Jaeger runs, so that a
-        process started without it exports nothing rather than into a closed port.
+        process started without it exports nothing rather than into a closed port. They ask for
+        traces only: this Jaeger has no metrics pipeline and answers 404 to metrics.
         """
         endpoints = self.endpoints
         variables = {
@@ -266,6 +267,7 @@ class LocalStack:
         if self._jaeger.pid() is not None:
             variables["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._jaeger.otlp_http_endpoint
             variables["OTEL_TRACES_EXPORTER"] = "otlp"
+            variables["OTEL_METRICS_EXPORTER"] = "none"
         return variables
 
     @property

@@ -184,6 +184,8 @@ def test_up_with_jaeger_points_the_environment_at_its_otlp_receiver(stack: Local
         f"http://127.0.0.1:{stack.jaeger_ports.otlp_http}"
     )
     assert environment["OTEL_TRACES_EXPORTER"] == "otlp"
+    # Jaeger takes traces only: metrics sent there would be refused.
+    assert environment["OTEL_METRICS_EXPORTER"] == "none"
 
 
 @needs_jaeger
@@ -242,6 +244,7 @@ def test_the_demo_trace_of_a_config_change_is_found_with_its_spans(stack: LocalS
     demo = subprocess.run([sys.executable, "-m", "reconciler.cli", "demo"], env=environment,
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "Failed to export" not in demo.stderr, demo.stderr[-2000:]
 
     query_url = stack.jaeger_query_url
     found = get_json(f"{query_url}/api/operations?service=reconciler-demo-test")["data"] or []
