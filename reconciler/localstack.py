@@ -16,7 +16,9 @@ On request (`up(with_jaeger=True)`, `dev up --with-jaeger`) a Jaeger all-in-one 
 keeping traces in memory: the `jaeger` binary is built once with Go from the module pinned in
 `infra/jaeger/` (the Go module proxy is the only source it needs) and rebuilt only when that
 module's go.mod or go.sum changes. Built from the module it has no UI assets: the query API
-answers on its port, the page there is Jaeger's placeholder.
+answers on its port, the page there is Jaeger's placeholder. The built jaeger-ui comes only as
+that project's release archives and in Jaeger's Docker images; no package registry this
+project uses carries it, and the Go module leaves it out.
 
 All processes are detached from the caller, so they outlive `dev up`. A component counts as
 ours only while its pid file names a live process whose command line names this stack's
@@ -779,7 +781,9 @@ class _Jaeger:
         self.config.write_text(self._config_text())
 
         _set_aside_if_large(self.log)
-        progress(f"starting Jaeger: OTLP on {self.otlp_http_endpoint}, UI on {self.query_url}")
+        progress(
+            f"starting Jaeger: OTLP on {self.otlp_http_endpoint}, query API on {self.query_url}"
+        )
         with open(self.log, "ab") as output:
             process = subprocess.Popen(
                 [str(binary), "--config", str(self.config)],
