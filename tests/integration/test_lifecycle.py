@@ -119,12 +119,12 @@ async def test_reenable_while_the_old_loop_is_slow_to_stop_waits_for_it_to_end(
     send_all = publisher.send_all
     slow = asyncio.Event()
 
-    async def slow_send_all(topic, records):
+    async def slow_send_all(topic, records, **options):
         # Publishing a page is the part of a pull a stop does not interrupt: holding it
         # keeps the old loop alive well past the stop bound.
         if slow.is_set() and topic == deployment.topics.orders:
             await asyncio.sleep(2.5)
-        await send_all(topic, records)
+        await send_all(topic, records, **options)
 
     publisher.send_all = slow_send_all
     await deployment.put("c1", interval=0.2)
