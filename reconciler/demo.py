@@ -48,6 +48,7 @@ from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, decode_lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
 from streams.topics import Topics
+from streams.tracing import headers_with_context, producer_span
 from reconciler.instance import Instance, kafka_connection
 from reconciler.sample_source import SampleSource
 from reconciler.settings import Settings
@@ -504,9 +505,7 @@ async def change_interval(demo: Demo, config_id: str) -> None:
 async def delete_config(demo: Demo, config_id: str) -> None:
     step(demo, 3, f"delete {config_id} (a tombstone)")
     old_run = await recorded_run(demo, config_id)
-    await demo.publisher.send(
-        demo.topics.configs, OutgoingRecord(key=config_id.encode(), value=None, headers=[])
-    )
+    await send_config_record(demo, config_id, None)
     demo.deleted.add(config_id)
     await expect_event(demo, stopped(config_id, old_run, "deleted"),
                        describe=lambda e: f"run {short(e)} stopped (deleted)")
@@ -525,10 +524,7 @@ async def send_invalid_record(demo: Demo, config_id: str) -> None:
     old_run = await recorded_run(demo, config_id)
     document = bumped_document(demo.configs[config_id], interval_seconds="5")
     key = config_id.encode()
-    await demo.publisher.send(
-        demo.topics.configs,
-        OutgoingRecord(key=key, value=json.dumps(document).encode(), headers=[]),
-    )
+    await send_config_record(demo, config_id, json.dumps(document).encode())
     record = await demo.dlq.wait_for(lambda r: r.key == key, timeout=STEP_TIMEOUT_SECONDS)
     if record is None:
         fail(demo, f"no DLQ record for {config_id} within {STEP_TIMEOUT_SECONDS:g} s")
@@ -552,11 +548,19 @@ async def let_loops_pull(demo: Demo) -> None:
 
 
 async def publish(demo: Demo, config: Config) -> None:
-    await demo.publisher.send(
-        demo.topics.configs,
-        OutgoingRecord(key=config.id.encode(), value=config.to_json_bytes(), headers=[]),
-    )
+    await send_config_record(demo, config.id, config.to_json_bytes())
     demo.configs[config.id] = config
+
+
+async def send_config_record(demo: Demo, config_id: str, value: bytes | None) -> None:
+    """Publish as `reconciler config put` does: in a `send` span whose context travels in
+    the record's `traceparent`, so the change's trace starts here."""
+    with producer_span("send", demo.topics.configs, key=config_id,
+                       attributes={"config_id": config_id}):
+        await demo.publisher.send(
+            demo.topics.configs,
+            OutgoingRecord(key=config_id.encode(), value=value, headers=headers_with_context()),
+        )
 
 
 def bumped(config: Config, **changes: Any) -> Config:
