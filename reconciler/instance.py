@@ -162,6 +162,7 @@ class Instance:
             lease_seconds=settings.lease_seconds,
             lease_margin_seconds=settings.lease_margin_seconds,
             stop_timeout=settings.stop_timeout_seconds,
+            hang_grace=settings.hang_grace_seconds,
         )
         self._background = [
             asyncio.create_task(self.relay.run(), name="outbox-relay"),

@@ -77,6 +77,10 @@ class Run:
     started_monotonic: float = field(default_factory=time.monotonic)
     # Set when the run must act no more, whatever its lease says; renewals do not undo it.
     revoked: bool = False
+    # Monotonic time of the last step of the pull under way; None between pulls.
+    busy_since_progress: float | None = None
+    # Set by the watchdog when it ends a hung run: the `error` of its `failed` event.
+    hang: str | None = None
 
     @property
     def identity(self) -> RunIdentity:
@@ -94,6 +98,10 @@ class Run:
 
     def revoke(self) -> None:
         self.revoked = True
+
+    def progressed(self) -> None:
+        """A step of the pull under way finished: the watchdog's clock starts again."""
+        self.busy_since_progress = time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +124,14 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
     while True:
         started = time.monotonic()
         labels = services.metrics.config_labels(run.config.id)
+        run.progressed()
         try:
             await pull(run, services)
         except PullFailed:
             services.metrics.pull_errors.add(1, labels)
             raise
         services.metrics.pulls.add(1, labels)
+        run.progressed()
         await _write(run, lambda: services.store.record_successful_pull(
             run.config.id,
             run_id=run.run_id,
@@ -129,6 +139,7 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
             source=run.config,
             seconds_ago=time.monotonic() - started,
         ))
+        run.busy_since_progress = None
         run.pulled += 1
         await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
@@ -159,8 +170,10 @@ async def pull(run: Run, services: LoopServices) -> None:
                 if page.next_cursor is not None and page.next_cursor != run.cursor:
                     await _uninterrupted(run, _save_cursor(run, services, page.next_cursor))
                 return
+            run.progressed()
             run.check_lease()
             await _uninterrupted(run, _publish_page(run, services, page))
+            run.progressed()
 
 
 async def _publish_page(run: Run, services: LoopServices, page: Page) -> None:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
 
     # How long a stop waits for a loop to end before reporting it stuck (it stays `stopping`).
     stop_timeout_seconds: float = Field(5.0, alias="RECONCILER_STOP_TIMEOUT_SECONDS", gt=0)
+    # A pull that makes no progress for its request timeout plus this is hung: the watchdog
+    # ends its run as failed.
+    hang_grace_seconds: float = Field(15.0, alias="RECONCILER_HANG_GRACE_SECONDS", gt=0)
     # Backoff after a failed run: first delay, cap, both in seconds.
     backoff_initial_seconds: float = Field(1.0, alias="RECONCILER_BACKOFF_INITIAL_SECONDS", gt=0)
     backoff_max_seconds: float = Field(300.0, alias="RECONCILER_BACKOFF_MAX_SECONDS", gt=0)

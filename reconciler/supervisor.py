@@ -52,6 +52,7 @@ class Supervisor:
         lease_seconds: float,
         lease_margin_seconds: float,
         stop_timeout: float,
+        hang_grace: float = 15.0,
     ) -> None:
         self._services = services
         self._store = store
@@ -59,6 +60,7 @@ class Supervisor:
         self._lease_seconds = lease_seconds
         self._lease_margin = lease_margin_seconds
         self._stop_timeout = stop_timeout
+        self._hang_grace = hang_grace
         self.runs: dict[str, Run] = {}
 
     def start(self, lease: Lease, *, lease_taken_at: float) -> Run:
@@ -110,6 +112,8 @@ class Supervisor:
     def outcome_of(run: Run) -> Outcome:
         task = run.task
         assert task is not None and task.done()
+        if run.hang is not None:
+            return Outcome(Ending.FAILED, error=run.hang)
         if task.cancelled():
             return Outcome(Ending.STOPPED, reason=run.stop_reason or "shutdown")
         error = task.exception()
@@ -147,9 +151,23 @@ class Supervisor:
         self.enforce_deadlines()
 
     def enforce_deadlines(self) -> None:
-        """Cancel the runs whose lease deadline passed (they may be stuck inside a request)."""
+        """Cancel the runs whose lease deadline passed (they may be stuck inside a request),
+        and, as failed, the runs whose pull made no progress for its request timeout plus
+        the grace: a source that never answers, or a code path that awaits forever."""
         now = time.monotonic()
         for run in self.runs.values():
+            since = run.busy_since_progress
+            limit = run.config.source.timeout_seconds + self._hang_grace
+            if (since is not None and now - since > limit and run.hang is None
+                    and run.stop_reason is None and not run.task.done()):
+                run.hang = (f"pull made no progress for {now - since:.0f} s "
+                            f"(request timeout {run.config.source.timeout_seconds:g} s); "
+                            f"ended by the watchdog")
+                log.warning("pull hung; ending the run as failed",
+                            extra={"config_id": run.config.id, "run_id": run.run_id})
+                run.revoke()
+                run.task.cancel()
+                continue
             if run.lease_deadline <= now and not run.task.done() and run.stop_reason is None:
                 log.warning(
                     "lease lost; stopping the run",
