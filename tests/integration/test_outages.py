@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import time
@@ -107,3 +108,106 @@ async def test_broker_then_database_restarted_under_load_lose_no_change_and_conv
                                   e["time"], e["data"]["error"])
                                  for e in deployment.events
                                  if end_counts(deployment.events).get(e["data"]["run_id"]) != 1])
+
+
+def event_ids_once(deployment: Deployment) -> None:
+    counts = collections.Counter(e["id"] for e in deployment.events)
+    assert [i for i, n in counts.items() if n > 1] == []
+
+
+async def test_broker_stopped_for_30_s_events_wait_in_the_outbox_and_all_arrive_once(
+    deployment: Deployment, stack,
+) -> None:
+    process = deployment.spawn_instance(instance_id="a")
+    ids = [f"cfg-{n:02d}" for n in range(10)]
+    for config_id in ids:
+        await deployment.put(config_id, interval=0.5)
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) for i in ids),
+                   timeout=60, what="every config running")
+    before = dict(active_runs(deployment.events))
+
+    await asyncio.to_thread(stack.stop_kafka)
+    await asyncio.sleep(30.0)
+    # Meanwhile the instance stopped its runs (the broker away for a session timeout):
+    # their end events could only go to the outbox.
+    found = await rows(deployment.settings.database_url)
+    assert all(found[i]["run_id"] != before[i] or found[i]["state"] != "running" for i in ids)
+    await asyncio.to_thread(stack.start_kafka)
+
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, before[i])
+                               for i in ids),
+                   timeout=90, what="every config running again, its old run ended")
+    ended = {e["data"]["run_id"]: e["data"]["reason"] for e in deployment.events
+             if e["type"] == "pull.task.stopped"}
+    assert {ended.get(before[i]) for i in ids} == {"reassigned"}
+    event_ids_once(deployment)
+
+    await stop_all(deployment, {"a": process})
+    await wait_for(lambda: all(c == 1 for c in end_counts(deployment.events).values()),
+                   timeout=30, what="one end event per run")
+    event_ids_once(deployment)
+    assert deployment.source.overlaps() == []
+
+
+async def test_database_stopped_for_30_s_runs_stop_before_their_leases_expire_and_resume(
+    deployment: Deployment, stack,
+) -> None:
+    process = deployment.spawn_instance(instance_id="a")
+    ids = [f"cfg-{n:02d}" for n in range(10)]
+    for config_id in ids:
+        await deployment.put(config_id, interval=0.3)
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) for i in ids),
+                   timeout=60, what="every config running")
+    before = dict(active_runs(deployment.events))
+
+    stopped_at = time.monotonic()
+    await asyncio.to_thread(stack.stop_postgres)
+    await asyncio.sleep(30.0)
+    # Runs stopped themselves within a lease (10 s) of the last renewal: no request since.
+    late = [r for r in deployment.source.requests() if r.started > stopped_at + 10.0]
+    assert late == []
+    await asyncio.to_thread(stack.start_postgres)
+
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, before[i])
+                               for i in ids),
+                   timeout=90, what="every config running again, its old run ended")
+    ends = {e["data"]["run_id"]: (e["type"], e["data"]["reason"]) for e in deployment.events
+            if e["type"] != "pull.task.started"}
+    assert {ends.get(before[i]) for i in ids} == {("pull.task.stopped", "lease-lost")}
+    await wait_for(lambda: all(deployment.orders_of(i) for i in ids), timeout=30,
+                   what="orders")
+
+    await stop_all(deployment, {"a": process})
+    await wait_for(lambda: all(c == 1 for c in end_counts(deployment.events).values()),
+                   timeout=30, what="one end event per run")
+    event_ids_once(deployment)
+    assert deployment.source.overlaps() == []
+
+
+async def test_source_down_for_a_minute_backs_off_to_the_cap_counts_attempts_and_resumes(
+    deployment: Deployment,
+) -> None:
+    cap = 3.0
+    await deployment.start_instance(backoff_initial_seconds=0.5, backoff_max_seconds=cap)
+    deployment.source.fail(product_id="c1", status=503)
+    await deployment.put("c1", interval=0.2)
+    await asyncio.sleep(60.0)
+
+    failed = deployment.events_of("c1", "failed")
+    attempts = [e["data"]["attempt"] for e in failed]
+    assert attempts == list(range(1, len(failed) + 1))
+    assert len(failed) >= 10  # about one attempt per capped delay over the minute
+    delays = [e["data"]["retry_in_seconds"] for e in failed]
+    assert max(delays) <= cap
+    assert min(delays[-5:]) >= cap / 2  # at the cap, with jitter
+    row = await deployment.row("c1")
+    assert row["state"] == "backoff" and row["attempts"] == len(failed)
+    assert "503" in row["last_error"]
+
+    deployment.source.heal(product_id="c1")
+    await wait_for(lambda: deployment.orders_of("c1"), timeout=30, what="orders after recovery")
+
+    async def reset() -> bool:
+        row = await deployment.row("c1")
+        return row["attempts"] == 0 and row["state"] == "running"
+    await wait_for(reset, timeout=15, what="attempts reset")
