@@ -143,7 +143,7 @@ class Instance:
 
         self.publisher = Publisher(connection)
         await self.publisher.start()
-        self.source = OrderSource(secrets_dir=settings.secrets_dir)
+        self.source = OrderSource.from_settings(settings)
         await self.source.start()
         self.relay = OutboxRelay(
             store=self.store, publisher=self.publisher, connection=connection,

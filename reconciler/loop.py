@@ -37,7 +37,7 @@ from streams.configs import Config
 from streams.publisher import Expired, OutgoingRecord, Publisher
 from streams.tracing import producer_span
 from reconciler.metrics import Metrics
-from reconciler.source import OrderSource, Page, PullFailed, RunIdentity
+from reconciler.source import OrderSource, Page, PagingGuard, PullFailed, RunIdentity
 from reconciler.store import Fenced, Store
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,10 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
 async def pull(run: Run, services: LoopServices) -> None:
     """One pull: pages from the saved cursor until an empty page.
 
+    The source is not trusted to end its paging: a page whose cursor repeats one of this
+    pull, or a page past `max_pages_per_pull`, fails the pull before anything of it is
+    published, and an order the pull already published is not published again.
+
     Each pull is the root of a trace of its own, linked to the run's start, so that a loop
     running for weeks does not make one endless trace.
     """
@@ -158,6 +162,8 @@ async def pull(run: Run, services: LoopServices) -> None:
         links=links,
         attributes={"config_id": run.config.id, "run_id": run.run_id, "fence": run.fence},
     ):
+        guard = PagingGuard(cursor=run.cursor, channel_id=run.config.channel_id,
+                            max_pages=services.source.max_pages_per_pull)
         while True:
             run.check_lease()
             page = await services.source.fetch_page(
@@ -170,9 +176,15 @@ async def pull(run: Run, services: LoopServices) -> None:
                 if page.next_cursor is not None and page.next_cursor != run.cursor:
                     await _uninterrupted(run, _save_cursor(run, services, page.next_cursor))
                 return
+            # A page whose cursor repeats, or one past the cap, fails the pull unpublished.
+            fresh = guard.admit(page)
             run.progressed()
             run.check_lease()
-            await _uninterrupted(run, _publish_page(run, services, page))
+            if fresh.orders:
+                await _uninterrupted(run, _publish_page(run, services, fresh))
+            else:
+                # Every order of the page came earlier in this pull; the paging goes on.
+                await _uninterrupted(run, _save_cursor(run, services, page.next_cursor))
             run.progressed()
 
 

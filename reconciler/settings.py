@@ -14,8 +14,10 @@ from typing import Literal
 
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from reconciler.addresses import DEFAULT_REFUSED_NETWORKS, parse_hosts, parse_networks
 
 LOCAL_KAFKA = "127.0.0.1:9092"
 LOCAL_DATABASE_URL = "postgresql://reconciler@127.0.0.1:15432/reconciler"
@@ -50,6 +52,30 @@ class Settings(BaseSettings):
     # Per-config series of the pull counters; off, because they grow with the configs.
     metrics_per_config: bool = Field(False, alias="RECONCILER_METRICS_PER_CONFIG")
     secrets_dir: str | None = Field(None, alias="RECONCILER_SECRETS_DIR")
+
+    # The HTTP order source (see `reconciler.addresses` and `reconciler.source`). Hosts and
+    # networks are comma-separated; `.example.com` stands for every name below example.com.
+    # An empty allowed list allows all; a refused network wins over an allowed one. Every
+    # address is checked when a connection is made, after the name was resolved.
+    source_allowed_hosts: str = Field("", alias="RECONCILER_SOURCE_ALLOWED_HOSTS")
+    source_allowed_networks: str = Field("", alias="RECONCILER_SOURCE_ALLOWED_NETWORKS")
+    source_refused_networks: str = Field(
+        DEFAULT_REFUSED_NETWORKS, alias="RECONCILER_SOURCE_REFUSED_NETWORKS"
+    )
+    # Requests in flight to one host name at a time; waiting for a turn counts against the
+    # config's timeout.
+    source_max_requests_per_host: int = Field(
+        8, alias="RECONCILER_SOURCE_MAX_REQUESTS_PER_HOST", ge=1, le=10_000
+    )
+    # One answer's body, after decompression; a larger one is a failed pull.
+    source_max_body_bytes: int = Field(
+        16 * 1024 * 1024, alias="RECONCILER_SOURCE_MAX_BODY_BYTES", ge=1024
+    )
+    # Pages with orders in one pull; past it the pull fails and the next run goes on from
+    # the saved cursor.
+    source_max_pages_per_pull: int = Field(
+        1000, alias="RECONCILER_SOURCE_MAX_PAGES_PER_PULL", ge=1
+    )
 
     # Leases: a run may act only until `renewal sent + lease_seconds - lease_margin_seconds`
     # by the monotonic clock; renewals go out every `lease_renew_seconds`.
@@ -109,6 +135,19 @@ class Settings(BaseSettings):
                 problem = "has a port that is not a number from 0 to 65535"
         if problem:
             raise ValueError(f"DATABASE_URL {problem}")
+        return value
+
+    @field_validator("source_allowed_networks", "source_refused_networks")
+    @classmethod
+    def _networks_parse(cls, value: str, info: ValidationInfo) -> str:
+        alias = cls.model_fields[info.field_name].alias
+        parse_networks(value, setting=alias)
+        return value
+
+    @field_validator("source_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: str) -> str:
+        parse_hosts(value, setting="RECONCILER_SOURCE_ALLOWED_HOSTS")
         return value
 
     @model_validator(mode="after")
