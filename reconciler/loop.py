@@ -45,9 +45,9 @@ tracer = trace.get_tracer("reconciler.loop")
 
 # Bound of the publish-then-save section once a stop has been asked for; below the
 # supervisor's default stop timeout, so a stopped run ends within it.
-CRITICAL_SECTION_SECONDS = 3.0
+CRITICAL_SECTION_SECONDS = 2.0
 # How long a revoked section may take to notice (its writes check the lease first).
-REVOKED_SECTION_SECONDS = 2.0
+REVOKED_SECTION_SECONDS = 1.0
 
 
 class LeaseLost(Exception):
@@ -261,8 +261,9 @@ async def _write(run: Run, operation: Callable[[], Awaitable[None]]) -> None:
 async def _uninterrupted(run: Run, coro) -> None:
     """Finish `coro` even if the caller is cancelled meanwhile, then re-raise the cancel.
 
-    Past `CRITICAL_SECTION_SECONDS` after the cancel the run is revoked: its unacknowledged
-    orders are dropped and its next write refused, so the section ends promptly.
+    Past `CRITICAL_SECTION_SECONDS` after the cancel the run is revoked and the section
+    cancelled: its unacknowledged orders are dropped, and a database write it waits on is
+    abandoned (asyncpg returns the connection to its pool), so the section ends promptly.
     """
     inner = asyncio.ensure_future(coro)
     try:
@@ -276,9 +277,10 @@ async def _uninterrupted(run: Run, coro) -> None:
                             CRITICAL_SECTION_SECONDS,
                             extra={"config_id": run.config.id, "run_id": run.run_id})
                 run.revoke()
+                inner.cancel()
                 done, _ = await asyncio.wait({inner}, timeout=REVOKED_SECTION_SECONDS)
             if done:
-                error = inner.exception() if not inner.cancelled() else None
+                error = None if inner.cancelled() else inner.exception()
                 if error is not None and not isinstance(error, LeaseLost):
                     log.warning("a publish-and-save section failed while stopping: %s", error)
             else:

@@ -147,8 +147,14 @@ EventFactory = Callable[[int], dict]
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, *, instance_id: str, boot_id: str, timeout: float):
+    """Two connection pools: the runs' own writes (cursors, last pulls) go through
+    `loop_pool`, everything else through `pool`, so a thousand loops waiting on the database
+    never queue lease renewals, starts and stops behind them."""
+
+    def __init__(self, pool: asyncpg.Pool, *, instance_id: str, boot_id: str, timeout: float,
+                 loop_pool: asyncpg.Pool | None = None):
         self._pool = pool
+        self._loop_pool = loop_pool or pool
         self._instance_id = instance_id
         self._boot_id = boot_id
         self._timeout = timeout
@@ -160,14 +166,28 @@ class Store:
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=pool_size, command_timeout=timeout, timeout=timeout
         )
-        return cls(pool, instance_id=instance_id, boot_id=boot_id, timeout=timeout)
+        try:
+            loop_pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=pool_size, command_timeout=timeout, timeout=timeout
+            )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, instance_id=instance_id, boot_id=boot_id, timeout=timeout,
+                   loop_pool=loop_pool)
 
     async def close(self) -> None:
+        if self._loop_pool is not self._pool:
+            await self._loop_pool.close()
         await self._pool.close()
 
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    @property
+    def loop_pool(self) -> asyncpg.Pool:
+        return self._loop_pool
 
     async def migrate(self) -> None:
         """Bring the schema up to date; safe when several instances start at once."""
@@ -620,7 +640,7 @@ class Store:
         source: Config,
     ) -> None:
         url, channel_id, product_id = _source_identity(source)
-        done = await self._pool.fetchval(
+        done = await self._loop_pool.fetchval(
             f"""
             UPDATE pull_tasks SET {assignments}, updated_at = now()
             WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $5
