@@ -873,3 +873,77 @@ def test_a_url_with_a_user_and_password_is_refused_without_repeating_them() -> N
         decode_config_record(b"a", _json.dumps(doc).encode(), max_record_bytes=65536)
     assert "source.url" in caught.value.reason
     assert "hunter2" not in caught.value.reason
+
+
+# --- hostile shapes -------------------------------------------------------------------
+
+def example_bytes(**replace: str) -> bytes:
+    """The example config as JSON text, with raw JSON text put in for some fields."""
+    document = with_field("id", KEY.decode())
+    text = json.dumps(document)
+    for name, raw in replace.items():
+        text = text.replace(f'"{name}": {json.dumps(document[name])}', f'"{name}": {raw}', 1)
+    return text.encode()
+
+
+@pytest.mark.parametrize("depth", [100, 1_000, 100_000])
+def test_deep_nesting_is_refused_with_a_reason(depth):
+    nested = "[" * depth + "]" * depth
+    decodes_or_rejects(KEY, example_bytes(channel_id=nested))
+    decodes_or_rejects(KEY, ("{" + '"a":' * 0 + nested + "}").encode())
+    with pytest.raises(InvalidRecord):
+        decode_config_record(KEY, example_bytes(channel_id=nested), max_record_bytes=LIMIT)
+
+
+def test_a_huge_string_is_refused_by_the_field_rule_not_by_a_crash():
+    huge = json.dumps("x" * 500_000)
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, example_bytes(channel_id=huge), max_record_bytes=2_000_000)
+    assert "channel_id" in refused.value.reason
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_nan_infinities_and_numbers_beyond_a_double_are_refused(literal):
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, example_bytes(interval_seconds=literal),
+                             max_record_bytes=LIMIT)
+    reason = refused.value.reason
+    assert any(word in reason for word in ("interval_seconds", "NaN", "Infinity", "too large"))
+
+
+@pytest.mark.parametrize("literal", ["9223372036854775808", "-1", "1e3", "3.0",
+                                     "1" + "0" * 5000])
+def test_versions_out_of_range_or_not_integers_are_refused(literal):
+    raw = example_bytes()[:-1] + f', "version": {literal}}}'.encode()
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, raw, max_record_bytes=LIMIT)
+    assert "version" in refused.value.reason or "too long" in refused.value.reason
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"id": "a", "id": "a"}',
+    b'{"id": "K", "enabled": true, "enabled": false}',
+    b'{"source": {"type": "http", "type": "http"}}',
+])
+def test_duplicate_keys_at_any_level_are_refused(raw):
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, raw, max_record_bytes=LIMIT)
+    assert "duplicate" in refused.value.reason.lower()
+
+
+@quick
+@given(position=st.integers(min_value=0), junk=st.sampled_from(
+    [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80"]))
+def test_invalid_utf8_anywhere_is_refused_with_a_reason(position, junk):
+    raw = example_bytes()
+    at = position % (len(raw) + 1)
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, raw[:at] + junk + raw[at:], max_record_bytes=LIMIT)
+    assert refused.value.reason and "\n" not in refused.value.reason
+
+
+def test_a_record_over_the_size_limit_is_refused_before_it_is_parsed():
+    not_even_json = b"\xff{" * (LIMIT // 2 + 1)
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, not_even_json, max_record_bytes=LIMIT)
+    assert str(LIMIT) in refused.value.reason and "JSON" not in refused.value.reason
