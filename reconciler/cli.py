@@ -84,8 +84,11 @@ def run_async(main: Awaitable[Any], settings: Settings | None = None) -> Any:
 
 
 def _describe_failure(error: BaseException, settings: Settings | None) -> str:
+    import ssl
+
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
+    from streams.connection import KafkaSecurityProblem
     from streams.topics import TopicMisconfigured
 
     text = _one_line(error)
@@ -93,14 +96,41 @@ def _describe_failure(error: BaseException, settings: Settings | None) -> str:
         if isinstance(error, KafkaConnectionError) or (
             isinstance(error, KafkaError) and "connect" in text.lower()
         ):
-            return f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {text}"
+            cause = _kafka_problem(settings) or text
+            return f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {cause}"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            text = (
+                f"its TLS certificate is not trusted ({error.verify_message}); sslrootcert in "
+                f"DATABASE_URL must name the CA that signed it"
+            )
+        elif isinstance(error, FileNotFoundError) and "ssl" in urlsplit(
+            settings.database_url
+        ).query:
+            # asyncpg's error names no file; the DSN names the files it reads.
+            text = (
+                f"a file named in DATABASE_URL (sslrootcert, sslcert, sslkey) cannot be read "
+                f"({error.strerror})"
+            )
         if isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith(
             "asyncpg"
         ):
             return f"cannot reach PostgreSQL at {database_place(settings.database_url)}: {text}"
-    if isinstance(error, TopicMisconfigured) or type(error).__name__ in _SELF_EXPLAINING:
+    if isinstance(error, (TopicMisconfigured, KafkaSecurityProblem)) or (
+        type(error).__name__ in _SELF_EXPLAINING
+    ):
         return text
     return f"{type(error).__name__}: {text}"
+
+
+def _kafka_problem(settings: Settings) -> str | None:
+    """Why the broker could not be reached, found again by connecting once more."""
+    from reconciler.instance import kafka_connection
+    from streams.connection import connection_problem
+
+    try:
+        return asyncio.run(connection_problem(kafka_connection(settings), timeout=10.0))
+    except Exception:  # the first error is still there to report
+        return None
 
 
 # Errors whose message already says what could not be reached.

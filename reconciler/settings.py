@@ -21,6 +21,8 @@ from reconciler.addresses import DEFAULT_REFUSED_NETWORKS, parse_hosts, parse_ne
 
 LOCAL_KAFKA = "127.0.0.1:9092"
 LOCAL_DATABASE_URL = "postgresql://reconciler@127.0.0.1:15432/reconciler"
+# The SASL mechanisms that need nothing but a user name and a password.
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def default_instance_id() -> str:
@@ -156,6 +158,38 @@ class Settings(BaseSettings):
             raise ValueError(
                 "lease timing: RECONCILER_LEASE_RENEW_SECONDS + RECONCILER_LEASE_MARGIN_SECONDS "
                 "must be shorter than RECONCILER_LEASE_SECONDS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> "Settings":
+        # Security settings the protocol would ignore are refused rather than dropped, so that
+        # a forgotten KAFKA_SECURITY_PROTOCOL never means a plaintext connection. The messages
+        # name variables, never their values.
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in (None, *KAFKA_SASL_MECHANISMS):
+                raise ValueError(
+                    f"KAFKA_SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)}"
+                )
+            missing = [
+                name for name, value in (
+                    ("KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                ) if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"KAFKA_SECURITY_PROTOCOL={protocol} needs {' and '.join(missing)}"
+                )
+        elif self.kafka_sasl_mechanism or self.kafka_sasl_username or self.kafka_sasl_password:
+            raise ValueError(
+                f"KAFKA_SASL_* is set but KAFKA_SECURITY_PROTOCOL is {protocol}; set SASL_SSL"
+            )
+        if self.kafka_ssl_cafile and "SSL" not in protocol:
+            raise ValueError(
+                f"KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL is {protocol}; set SSL or "
+                f"SASL_SSL"
             )
         return self
 

@@ -45,6 +45,40 @@ def local_stack():
 
 
 @pytest.fixture(scope="session")
+def secure_stack():
+    """A second local stack whose broker has a SASL_SSL listener (SCRAM-SHA-512) and whose
+    PostgreSQL takes TLS only, for the tests of secured connections; None when the
+    environment names other servers.
+
+    Its ports sit 100 above the session's Kafka ports (SASL_SSL at the Kafka port + 104) and
+    one above its PostgreSQL port, in `.stack-secure-<kafka port>/`; it is stopped at the end
+    like the session's stack. PostgreSQL runs without TLS where its binaries cannot do TLS
+    (`secure_stack.secure.postgres_tls` says which).
+    """
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("DATABASE_URL"):
+        yield None
+        return
+    from reconciler.localstack import (
+        LocalStack, SecureListeners, postgres_supports_tls, project_root,
+    )
+
+    ports = os.environ.get("RECONCILER_TEST_STACK")
+    kafka, controller, postgres = (
+        (int(p) for p in ports.split(",")) if ports else (9092, 9093, 15432)
+    )
+    kafka, controller, postgres = kafka + 100, controller + 100, postgres + 1
+    stack = LocalStack(root=project_root() / f".stack-secure-{kafka}", kafka_port=kafka,
+                       kafka_controller_port=controller, postgres_port=postgres,
+                       secure=SecureListeners(kafka_port=kafka + 4,
+                                              postgres_tls=postgres_supports_tls()))
+    was_running = stack.is_running()
+    stack.up(progress=print)
+    yield stack
+    if not was_running and os.environ.get("RECONCILER_TEST_KEEP_STACK") != "1":
+        stack.down(progress=print)
+
+
+@pytest.fixture(scope="session")
 def endpoints(local_stack) -> dict[str, str]:
     if local_stack is None:
         return {
