@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import ipaddress
 import json
 import logging
 import math
@@ -502,7 +503,7 @@ def _client_failure(
     refused = dict((address, reason) for address, reason in attempts if reason is not None)
     if refused and all(reason is not None for _address, reason in attempts):
         address, reason = next(iter(refused.items()))
-        where = address if address == host else f"{address}, an address of {host}"
+        where = host if _same_address(address, host) else f"{address}, an address of {host}"
         text = f"refused to connect to {where}: {reason}"
         if len(refused) > 1:
             text += f" ({len(refused) - 1} more addresses of {host} were refused too)"
@@ -513,6 +514,15 @@ def _client_failure(
     if isinstance(error, aiohttp.ClientConnectorError):
         return PullFailed(f"could not connect to the source: {shown(str(error), scrub=scrub)}")
     return PullFailed(f"source's answer could not be read: {shown(str(error), scrub=scrub)}")
+
+
+def _same_address(address: str, host: str) -> bool:
+    """Whether a socket address is the URL's host written as an address, perhaps in
+    another notation (`::ffff:a9fe:a9fe` for `::ffff:169.254.169.254`)."""
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]) == ipaddress.ip_address(host)
+    except ValueError:
+        return False
 
 
 def _policed_socket_factory(policy: AddressPolicy) -> Callable[[tuple], socket.socket]:
