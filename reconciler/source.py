@@ -223,8 +223,14 @@ class OrderSource:
                 # under that, for any text a future change forgets to pass through `shown`.
                 scrubbed = self._secrets.scrub(str(failed))
                 raise PullFailed(scrubbed, retry_after=failed.retry_after) from None
-        _refuse_echoed_secret(body, secret_pieces, auth.secret if auth else "")
-        return parse_page(body)
+        name = auth.secret if auth else ""
+        _refuse_echoed_secret(body, secret_pieces, name)
+        page = parse_page(body)
+        if secret_pieces and b"\\" in body:
+            # JSON escapes can spell a secret that the raw bytes do not show.
+            parsed = json.dumps([page.orders, page.next_cursor], ensure_ascii=False)
+            _refuse_echoed_secret(parsed.encode("utf-8"), secret_pieces, name)
+        return page
 
     async def _request(
         self,

@@ -404,6 +404,11 @@ async def test_no_secret_reaches_a_log_event_span_status_record_or_error(
         echoed = {"id": "o1", "seen": request.headers["Authorization"]}
         return web.json_response({"orders": [echoed], "next_cursor": "c1"})
 
+    async def escaped_echoing(request: web.Request, _earlier: int) -> web.StreamResponse:
+        spelled = "".join(f"\\u{ord(c):04x}" for c in request.headers["Authorization"])
+        return web.Response(body=b'{"orders": [{"id": "' + spelled.encode() +
+                            b'"}], "next_cursor": "c1"}')
+
     async def cursor_echoing(request: web.Request, _earlier: int) -> web.StreamResponse:
         return web.json_response({"orders": [{"id": "o1"}], "next_cursor": token})
 
@@ -414,6 +419,7 @@ async def test_no_secret_reaches_a_log_event_span_status_record_or_error(
         paged({None: {"orders": [{"id": "r1"}], "next_cursor": "c1"}}), redirect_echoing)
     hostile.behaviours["order-echo"] = order_echoing
     hostile.behaviours["cursor-echo"] = cursor_echoing
+    hostile.behaviours["escaped-echo"] = escaped_echoing
     bad_line = await raw_sources(status_line_echoing)
     await deployment.start_instance(secrets_dir=str(tmp_path))
 
@@ -423,12 +429,15 @@ async def test_no_secret_reaches_a_log_event_span_status_record_or_error(
                             product="order-echo")
     await publish_with_auth(deployment, "cursor-echo", url=hostile.url, auth=bearer_auth,
                             product="cursor-echo")
+    await publish_with_auth(deployment, "escaped-echo", url=hostile.url, auth=bearer_auth,
+                            product="escaped-echo")
     await publish_with_auth(deployment, "status-line", url=bad_line.url, auth=bearer_auth)
     await publish_with_auth(deployment, "missing", url=hostile.url, product="missing",
                             auth={"type": "bearer", "secret": "shop-43-token"})
 
     errors = {c: (await first_failure(deployment, c))["error"]
-              for c in ("redirect", "order-echo", "cursor-echo", "status-line", "missing")}
+              for c in ("redirect", "order-echo", "cursor-echo", "escaped-echo", "status-line",
+                        "missing")}
     await wait_for(lambda: deployment.orders_of("redirect"), timeout=10,
                    what="the order of the page before the redirect")
     await asyncio.sleep(1.0)
@@ -443,6 +452,8 @@ async def test_no_secret_reaches_a_log_event_span_status_record_or_error(
                       "with the request; nothing of it is published",
         "cursor-echo": "source's answer holds the value of secret 'shop-bearer' that was sent "
                        "with the request; nothing of it is published",
+        "escaped-echo": "source's answer holds the value of secret 'shop-bearer' that was "
+                        "sent with the request; nothing of it is published",
         "status-line": errors["status-line"],
         "missing": f"secret 'shop-43-token' is missing: there is no file 'shop-43-token' in "
                    f"RECONCILER_SECRETS_DIR ({tmp_path})",
