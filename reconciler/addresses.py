@@ -87,6 +87,8 @@ class AddressPolicy:
         """Why a URL's host name is refused, or None when it is allowed."""
         if not self.allowed_hosts:
             return None
+        # Limitation: names are compared as written, so an internationalised name allowed
+        # in its xn-- form does not match a URL that writes it in Unicode, nor the reverse.
         name = _normal_host(host)
         for allowed in self.allowed_hosts:
             if name == allowed or (allowed.startswith(".") and name.endswith(allowed)):

@@ -71,6 +71,7 @@ MAX_CURSOR_CHARS = 4096
 # How much of a text from the source (a redirect's target, a parser's complaint) an error shows.
 MAX_SHOWN_CHARS = 200
 # Shorter pieces of a secret are not looked for in text: they would match ordinary words.
+# Limitation: a secret shorter than this is neither scrubbed from errors nor refused in answers.
 MIN_SECRET_PIECE_CHARS = 4
 DNS_CACHE_SECONDS = 30.0
 
@@ -349,6 +350,7 @@ class HostSlots:
         semaphore: asyncio.Semaphore
         users: int = 0
 
+    # Limitation: the cap is per instance; N instances may send N times as many to one host.
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._hosts: dict[str, HostSlots._Host] = {}
@@ -394,6 +396,8 @@ class PagingGuard:
                 f"{len(page.orders)} orders and a cursor this pull already used; paging "
                 f"stopped and nothing of that page was published"
             )
+        # Limitation: a backlog deeper than the cap fails every capped pull, so it drains
+        # with a backoff between runs.
         if self.pages > self._max_pages:
             raise PullFailed(
                 f"source still had orders after {self._max_pages} pages in one pull "
