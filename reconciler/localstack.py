@@ -684,9 +684,10 @@ class _Kafka:
             settings.update(self._secure_settings())
         lines = ["# Written by reconciler.localstack on every start."]
         lines += [f"{name}={_escape_property(value)}" for name, value in settings.items()]
-        # With secured listeners the file holds the server's private key.
-        self.properties.touch(mode=0o600)
-        self.properties.chmod(0o600)
+        if self.secure_port is not None:
+            # The file then holds the server's private key.
+            self.properties.touch(mode=0o600)
+            self.properties.chmod(0o600)
         self.properties.write_text("\n".join(lines) + "\n")
         self.log4j.write_text(_LOG4J_TEMPLATE.format(log=self.log))
 
@@ -970,7 +971,11 @@ class _Certificates:
             )
         progress("making a CA and a server certificate for 127.0.0.1")
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Gone first, so that a run that fails half-way leaves no mixed set to be reused.
+        for path in files:
+            path.unlink(missing_ok=True)
         self.config.write_text(_OPENSSL_CONFIG)
+        self.log.write_text("")
         # A distinct name per CA, so that a certificate of an earlier CA is never mistaken
         # for one of this CA by a client that still holds the old file.
         ca_name = f"/CN=reconciler local stack CA {secrets.token_hex(4)}"
@@ -996,8 +1001,6 @@ class _Certificates:
                 "-extfile", self.config, "-extensions", "server", "-out", self.certificate,
             ]),
         ]
-        with open(self.log, "w"):
-            pass
         for what, command in steps:
             self._run(what, [str(part) for part in command])
         (self.folder / "server.csr").unlink(missing_ok=True)

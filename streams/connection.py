@@ -12,6 +12,7 @@ again, in one line a person can act on, for the message of a command that could 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,8 +154,9 @@ def _describe(error: BaseException, connection: KafkaConnection, *, timeout: flo
     if isinstance(error, (ConnectionResetError, KafkaConnectionError)):
         # What a listener of another protocol does with the first bytes it cannot read.
         return f"the broker closed the connection; is it a {protocol} listener?"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
+    if isinstance(error, OSError) and error.errno:
+        # asyncio's own text ("Connect call failed (…)") hides the reason the system gave.
+        return os.strerror(error.errno).lower()
     return _one_line(error)
 
 

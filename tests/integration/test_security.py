@@ -395,6 +395,36 @@ async def test_an_untrusted_postgres_ca_stops_run_and_status_in_one_line(
         assert "sslrootcert in DATABASE_URL must name the CA that signed it" in lines[0]
 
 
+# ---- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variables, problem", [
+    ({"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "s3cret-value"},
+     "KAFKA_SASL_* is set but KAFKA_SECURITY_PROTOCOL is PLAINTEXT; set SASL_SSL"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SSL_CAFILE": "/etc/ca.pem",
+      "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "s3cret-value"},
+     "KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL is SASL_PLAINTEXT"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_USERNAME": "u"},
+     "KAFKA_SECURITY_PROTOCOL=SASL_SSL needs KAFKA_SASL_PASSWORD"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "GSSAPI",
+      "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "s3cret-value"},
+     "KAFKA_SASL_MECHANISM must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+], ids=["sasl-without-protocol", "ca-without-tls", "no-password", "mechanism"])
+def test_kafka_security_settings_that_would_be_ignored_or_cannot_work_are_refused(
+    variables: dict[str, str], problem: str,
+) -> None:
+    from pydantic import ValidationError
+
+    from reconciler.cli import settings_problems
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(**variables)
+
+    message = settings_problems(refused.value)
+    assert problem in message
+    assert "s3cret-value" not in message
+
+
 # ---- static checks -----------------------------------------------------------------------
 
 # asyncpg's methods that take a statement as their first argument.
