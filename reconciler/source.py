@@ -81,7 +81,7 @@ _connect_attempts: contextvars.ContextVar[list[tuple[str, str | None]] | None] =
 )
 # A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_DELAY_SECONDS = re.compile(r"\d{1,10}(\.\d{1,6})?")
+_DELAY_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{1,6})?")
 
 
 class PullFailed(Exception):

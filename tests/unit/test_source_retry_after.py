@@ -43,7 +43,7 @@ def test_a_date_far_ahead_is_passed_on_whole_for_the_backoff_to_cap():
 
 
 @pytest.mark.parametrize("value", [
-    None, "", "-5", "+5", "1e3", "inf", "nan", "NaN", "0x10", "5 s", "soon",
+    None, "", "-5", "+5", "1e3", "inf", "nan", "NaN", "0x10", "5 s", "soon", "\u0663",
     "12345678901", "9" * 5000, "Fri, 32 Dec 2026 15:00:09 GMT", "Fri, 04 Dec 2026",
     "Fri, 04 Dec 2026 15:00:09 GMT" + " " * 40 + "x",
 ])
