@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test unit up down env clean
+.PHONY: demo test unit up down env clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ env: $(STAMP)
 chaos: $(STAMP)
 	CHAOS_OPERATIONS=5000 CHAOS_ROUNDS=3 $(VENV)/bin/python -m pytest \
 		tests/integration/test_churn.py -k churn_over -s
+
+# The benchmark on a Kafka and PostgreSQL of its own ports (.stack-bench/), stopped at the
+# end; `make bench BENCH_ARGS=--quick` for a smoke run. Prints a table, writes
+# bench/results/<timestamp>.json.
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean: down
 	rm -rf $(VENV) .stack

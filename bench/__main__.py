@@ -250,9 +250,14 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
         elif phase == "burst":
             for step in ("start", "stop"):
                 part = result[step]
+                pipe = part["pipeline"]
                 out.append((phase, f"{part['configs']:,} {step}: all seen after",
                             f"{part['all_s']} s (publish {part['publish_s']} s, instance CPU "
                             f"{part['instance_cpu_s']} s, seen {part['observed']:,})"))
+                out.append((phase, f"{step}: stages done at", (
+                    f"desired written {pipe['desired_written_s']} s, runs recorded "
+                    f"{pipe['runs_recorded_s']} s, events seen {part['all_s']} s; "
+                    f"{pipe['commits_per_config']} commits/config")))
         elif phase == "churn":
             out.append((phase, "changes", f"{result['changes']:,} in {result['seconds']} s "
                         f"({result['achieved_per_second']}/s) over {result['configs']:,}"))

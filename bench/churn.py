@@ -124,6 +124,7 @@ async def drive(*, stream: ChangeStream, apply: Callable[[list[Change]], Awaitab
     began = loop.time()
     made = 0
     sent = 0
+    last_change_at = time.time()
     while True:
         elapsed = loop.time() - began
         if elapsed >= seconds:
@@ -136,8 +137,9 @@ async def drive(*, stream: ChangeStream, apply: Callable[[list[Change]], Awaitab
             for previous, new in pairs:
                 on_change(previous, new, at)
             await apply([new for _, new in pairs])
+            last_change_at = time.time()
             sent += due
         await asyncio.sleep(tick)
     took = loop.time() - began
-    return {"changes": sent, "seconds": round(took, 2),
+    return {"changes": sent, "seconds": round(took, 2), "last_change_at": last_change_at,
             "achieved_per_second": round(sent / took, 1) if took else None}

@@ -3,8 +3,9 @@ on the same machine, stack and sample source, with the same workload.
 
 For each system (`product`, `scanner-fixed`, `scanner-unfixed`), in a deployment of its own:
 
-1. reaction: configs enabled one every `spacing` seconds, each disabled once its start was
-   seen; enable → `started` and disable → `stopped` as observed through Kafka;
+1. reaction: configs enabled one every `SPACING_SECONDS`, each disabled a random part of a
+   scan period after its start was seen; enable → `started` and disable → `stopped` as
+   observed through Kafka;
 2. `compare_configs` configs, half enabled; once all run, CPU over an idle window;
 3. churn: `compare_rate` enable/disable flips per second for `compare_seconds`; the CPU of
    the system's process and of PostgreSQL meanwhile, convergence, and overlaps counted by
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 from bench.deployment import Change, Context, Deployment, ProductSystem, ScannerSystem
@@ -33,9 +35,14 @@ SYSTEMS = ("product", "scanner-fixed", "scanner-unfixed")
 
 
 async def staggered_reactions(deployment: Deployment, system, *, samples: int,
-                              interval: float, timeout: float) -> dict:
+                              interval: float, timeout: float, gap: float,
+                              seed: int) -> dict:
+    """Each sample: enable, wait for `started`, wait a random part of `gap` (so that a
+    disable does not always land just after a scan), disable, wait for `stopped`."""
     assert deployment.observer is not None
     observer = deployment.observer
+    rng = random.Random(seed)
+    gaps = [rng.uniform(0.0, gap) for _ in range(samples)]
     starts: list[float] = []
     stops: list[float] = []
     missed = 0
@@ -50,6 +57,7 @@ async def staggered_reactions(deployment: Deployment, system, *, samples: int,
             seen = await observer.next_event(config_id, "started", since=began,
                                              timeout=timeout)
             starts.append(seen.arrived - began)
+            await asyncio.sleep(gaps[number])
             began = time.time()
             await system.apply([Change(config_id, False, interval, 2)])
             seen = await observer.next_event(config_id, "stopped", since=began,
@@ -77,7 +85,8 @@ async def run_system(context: Context, sizes: Sizes, name: str) -> dict:
         await system.start()
         reaction = await staggered_reactions(deployment, system,
                                              samples=sizes.compare_samples,
-                                             interval=interval, timeout=timeout)
+                                             interval=interval, timeout=timeout,
+                                             gap=sizes.scan_seconds, seed=sizes.seed)
         churned = await run_churn(
             deployment, system, configs=sizes.compare_configs, rate=sizes.compare_rate,
             seconds=sizes.compare_seconds, interval=interval, seed=sizes.seed,

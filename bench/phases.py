@@ -42,7 +42,7 @@ class Sizes:
     capacity_configs: int = 50_000
     capacity_interval: float = 300.0
     idle_seconds: float = 30.0
-    pull_steps: tuple[int, ...] = (50, 200, 800)
+    pull_steps: tuple[int, ...] = (10, 40, 160)
     pull_seconds: float = 20.0
     pull_interval: float = 0.05
     compare_configs: int = 1_000
@@ -153,6 +153,76 @@ async def reaction(context: Context, sizes: Sizes) -> dict:
 # ---- 2. burst ----------------------------------------------------------------------------
 
 
+class Pipeline:
+    """Where a burst is, read from the table every `poll` seconds: desired states written
+    by the configs stream, runs the reconciles have recorded, events still in the outbox.
+    Each stage's first moment at `count` shows which stage the burst waits on."""
+
+    def __init__(self, database_url: str, *, count: int, enabled: bool,
+                 poll: float = 0.2) -> None:
+        self._url = database_url
+        self._count = count
+        self._enabled = enabled
+        self._poll = poll
+        self.began = time.time()
+        self.reached: dict[str, float] = {}
+        self.outbox_max = 0
+        self.commits = 0
+
+    async def run(self) -> None:
+        conn = await asyncpg.connect(self._url)
+        try:
+            first_commits = await self._commits(conn)
+            while True:
+                row = await conn.fetchrow(
+                    """
+                    SELECT count(*) FILTER (WHERE enabled = $1 AND config_version = $2)
+                               AS written,
+                           count(*) FILTER (WHERE state = ANY($3::text[])) AS recorded,
+                           (SELECT count(*) FROM lifecycle_outbox) AS outbox
+                    FROM pull_tasks
+                    """,
+                    self._enabled, 1 if self._enabled else 2,
+                    ["running", "starting"] if self._enabled else ["stopped"],
+                )
+                now = time.time() - self.began
+                self.outbox_max = max(self.outbox_max, row["outbox"])
+                for stage in ("written", "recorded"):
+                    if row[stage] >= self._count and stage not in self.reached:
+                        self.reached[stage] = round(now, 3)
+                self.commits = await self._commits(conn) - first_commits
+                await asyncio.sleep(self._poll)
+        finally:
+            await conn.close()
+
+    @staticmethod
+    async def _commits(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+
+    def summary(self) -> dict:
+        return {
+            "desired_written_s": self.reached.get("written"),
+            "runs_recorded_s": self.reached.get("recorded"),
+            "outbox_depth_max": self.outbox_max,
+            "commits_per_config": round(self.commits / self._count, 2),
+        }
+
+
+async def measured_burst(deployment: Deployment, system, changes: list[Change]) -> dict:
+    pipeline = Pipeline(deployment.database_url, count=len(changes),
+                        enabled=changes[0].enabled)
+    watching = asyncio.create_task(pipeline.run())
+    cpu_before = system.process.cpu_seconds()
+    result = await start_all(deployment, system, changes)
+    result["instance_cpu_s"] = round(system.process.cpu_seconds() - cpu_before, 2)
+    await asyncio.sleep(0.5)
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
+    result["pipeline"] = pipeline.summary()
+    return result
+
+
 async def burst(context: Context, sizes: Sizes, *, profile_dir=None) -> dict:
     interval = sizes.reaction_interval
     count = sizes.burst_configs
@@ -160,28 +230,28 @@ async def burst(context: Context, sizes: Sizes, *, profile_dir=None) -> dict:
             deployment, system):
         instance = system.process
         rss_before = instance.rss_bytes()
-        profile = (Profile(pid=instance.pid, path=profile_dir / "burst.txt")
+        profile = (Profile(pid=instance.pid, path=profile_dir / "burst-start.txt")
                    if profile_dir else None)
         profiling = profile.start() if profile else False
-
-        cpu_before = instance.cpu_seconds()
-        start = await start_all(deployment, system,
-                                [Change(f"burst-{n}", True, interval, 1) for n in range(count)])
-        start["instance_cpu_s"] = round(instance.cpu_seconds() - cpu_before, 2)
+        start = await measured_burst(
+            deployment, system, [Change(f"burst-{n}", True, interval, 1) for n in range(count)])
+        start_profile = profile.stop() if profiling else None
         await asyncio.sleep(sizes.settle_seconds)
         rss_running = instance.rss_bytes()
 
-        cpu_before = instance.cpu_seconds()
-        stop = await start_all(deployment, system,
-                               [Change(f"burst-{n}", False, interval, 2) for n in range(count)])
-        stop["instance_cpu_s"] = round(instance.cpu_seconds() - cpu_before, 2)
+        profile = (Profile(pid=instance.pid, path=profile_dir / "burst-stop.txt")
+                   if profile_dir else None)
+        profiling = profile.start() if profile else False
+        stop = await measured_burst(
+            deployment, system, [Change(f"burst-{n}", False, interval, 2) for n in range(count)])
+        stop_profile = profile.stop() if profiling else None
         result = {
             "configs": count, "start": start, "stop": stop,
             "rss_mib": {"before": round(rss_before / MIB, 1),
                         "running": round(rss_running / MIB, 1)},
         }
-        if profiling:
-            result["profile"] = profile.stop()
+        if start_profile or stop_profile:
+            result["profile"] = {"start": start_profile, "stop": stop_profile}
         return result
 
 
@@ -232,9 +302,9 @@ async def run_churn(deployment: Deployment, system, *, configs: int, rate: float
                          on_change=tracker.changed)
     churn_cpu = process.cpu_seconds() - cpu_before
     churn_database_cpu = database.read()
-    ended = time.time()
+    ended = driven.pop("last_change_at")
     converged = await wait_until(lambda: active.matches(states, check_version=restarts),
-                                 timeout=converge_timeout, poll=0.05)
+                                 timeout=converge_timeout, poll=0.01)
     convergence = time.time() - ended if converged else None
     await asyncio.sleep(1.0)  # requests of the last runs end
     overlaps = await deployment.overlaps()
@@ -272,8 +342,8 @@ async def idle_cpu(system, servers: dict, seconds: float) -> dict:
     took = time.monotonic() - began
     return {
         "seconds": round(took, 1),
-        "process_cpu_percent": round(100 * (system.process.cpu_seconds() - before) / took, 2),
-        "postgres_cpu_percent": round(100 * database.read() / took, 2),
+        "process_cpu_percent": round(100 * (system.process.cpu_seconds() - before) / took, 3),
+        "postgres_cpu_percent": round(100 * database.read() / took, 3),
     }
 
 
@@ -397,55 +467,56 @@ async def wait_first_pulls(deployment: Deployment, runs: int, *, timeout: float)
 
 
 async def pull_rate(context: Context, sizes: Sizes) -> dict:
-    """Configs with the shortest interval the contract allows against a local source; each
-    step adds configs until the pull rate stops growing."""
+    """Configs with the shortest interval the contract allows against a local source that
+    answers at once, more of them at each step, each step in a fresh deployment (so no
+    step starts with a backlog of orders). The source makes one order per second and
+    product: most pulls are one empty page and a write of the last pull; about one in
+    twenty also publishes an order and saves its cursor."""
+    steps = []
+    for target in sizes.pull_steps:
+        steps.append(await pull_rate_step(context, sizes, target))
+    best = max(steps, key=lambda step: step["pulls_per_second"])
+    return {"interval_s": sizes.pull_interval, "orders_per_second_per_config": 1.0,
+            "steps": steps, "max_pulls_per_second": best["pulls_per_second"],
+            "at_configs": best["configs"],
+            "instance_cpu_ms_per_pull_at_max": best["instance_cpu_ms_per_pull"]}
+
+
+async def pull_rate_step(context: Context, sizes: Sizes, configs: int) -> dict:
     interval = sizes.pull_interval
-    # About one order per pull at the offered rate: a pull is a page with orders (publish,
-    # save the cursor) and an empty page.
-    async with product_deployment(context, "pullrate", source_rate=1.0 / interval) as (
+    async with product_deployment(context, f"pullrate{configs}", source_rate=1.0) as (
             deployment, system):
         servers = context.stack.server_processes()
+        await start_all(deployment, system,
+                        [Change(f"fast-{n}", True, interval, 1) for n in range(configs)])
+        await asyncio.sleep(3.0)
+        before = await system.metrics()
         meters = {
-            "instance": lambda: processes.CpuMeter([system.process.process]),
-            "source": lambda: processes.CpuMeter([deployment.source.process]),
-            "kafka": lambda: processes.CpuMeter(servers.get("kafka", [])),
-            "postgres": lambda: processes.CpuMeter(servers.get("postgres", []),
-                                                   children=True),
+            "instance": processes.CpuMeter([system.process.process]),
+            "source": processes.CpuMeter([deployment.source.process]),
+            "kafka": processes.CpuMeter(servers.get("kafka", [])),
+            "postgres": processes.CpuMeter(servers.get("postgres", []), children=True),
         }
-        steps = []
-        have = 0
-        for target in sizes.pull_steps:
-            added = [Change(f"fast-{n}", True, interval, 1) for n in range(have, target)]
-            if added:
-                await start_all(deployment, system, added)
-            have = target
-            await asyncio.sleep(3.0)
-            before = await system.metrics()
-            running = {name: make().start() for name, make in meters.items()}
-            began = time.monotonic()
-            await asyncio.sleep(sizes.pull_seconds)
-            took = time.monotonic() - began
-            after = await system.metrics()
-            cpu = {name: meter.read() for name, meter in running.items()}
-            pulls = after.get("reconciler_pulls_total", 0) - before.get(
-                "reconciler_pulls_total", 0)
-            errors = after.get("reconciler_pull_errors_total", 0) - before.get(
-                "reconciler_pull_errors_total", 0)
-            orders = after.get("reconciler_orders_total", 0) - before.get(
-                "reconciler_orders_total", 0)
-            steps.append({
-                "configs": target,
-                "offered_per_second": round(target / interval, 1),
-                "pulls_per_second": round(pulls / took, 1),
-                "orders_per_second": round(orders / took, 1),
-                "pull_errors": errors,
-                "instance_cpu_ms_per_pull": round(1000 * cpu["instance"] / pulls, 3)
-                if pulls else None,
-                "cpu_percent_of_a_core": {name: round(100 * value / took, 1)
-                                          for name, value in cpu.items()},
-            })
-        best = max(steps, key=lambda step: step["pulls_per_second"])
-        return {"interval_s": interval, "steps": steps,
-                "max_pulls_per_second": best["pulls_per_second"],
-                "at_configs": best["configs"],
-                "instance_cpu_ms_per_pull_at_max": best["instance_cpu_ms_per_pull"]}
+        for meter in meters.values():
+            meter.start()
+        began = time.monotonic()
+        await asyncio.sleep(sizes.pull_seconds)
+        took = time.monotonic() - began
+        cpu = {name: meter.read() for name, meter in meters.items()}
+        after = await system.metrics()
+
+        def delta(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        pulls = delta("reconciler_pulls_total")
+        return {
+            "configs": configs,
+            "offered_per_second": round(configs / interval, 1),
+            "pulls_per_second": round(pulls / took, 1),
+            "orders_per_second": round(delta("reconciler_orders_total") / took, 1),
+            "pull_errors": delta("reconciler_pull_errors_total"),
+            "instance_cpu_ms_per_pull": round(1000 * cpu["instance"] / pulls, 3)
+            if pulls else None,
+            "cpu_percent_of_a_core": {name: round(100 * value / took, 1)
+                                      for name, value in cpu.items()},
+        }

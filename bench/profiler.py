@@ -64,7 +64,14 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({tail})"
 
 
-def summarise(path: Path, *, top: int = 25) -> dict:
+# Frames every sample passes through (start-up, the event loop itself): left out of the
+# totals, where they would only push the informative lines down.
+_PLUMBING = ("<frozen runpy>", "click/core.py", "asyncio/runners.py", "reconciler/cli.py",
+             "BaseEventLoop.run_forever", "BaseEventLoop.run_until_complete",
+             "BaseEventLoop._run_once", "Handle._run")
+
+
+def summarise(path: Path, *, top: int = 30) -> dict:
     """Self and total sample shares per function from py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
@@ -81,7 +88,8 @@ def summarise(path: Path, *, top: int = 25) -> dict:
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):
-            total[frame] += count
+            if not any(marker in frame for marker in _PLUMBING):
+                total[frame] += count
 
     def shares(counter: collections.Counter[str]) -> list[list]:
         return [[name, round(100.0 * n / samples, 1)] for name, n in counter.most_common(top)]
