@@ -1554,6 +1554,14 @@ def _live_pid(pid: int | None, *, marker: str) -> int | None:
     """
     if pid is None:
         return None
+    child = _children.get(pid)
+    if child is not None:
+        # Started by this process: its own handle is the authority. Reading the command
+        # line of a process that is just starting can come back empty.
+        if child.poll() is None:
+            return pid
+        _children.pop(pid, None)
+        return None
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
