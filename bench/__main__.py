@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -140,7 +141,10 @@ def git_commit() -> str | None:
         return None
 
 
-async def run_phases(arguments: argparse.Namespace, sizes: Sizes, stamp: str) -> dict:
+async def run_phases(arguments: argparse.Namespace, sizes: Sizes, stamp: str,
+                     save: Callable[[dict], None]) -> dict:
+    """Run the chosen phases in order; `save` gets the figures so far after each one, so a
+    long run that is stopped keeps what it measured."""
     stack = BenchStack(kafka_bootstrap=arguments.kafka_bootstrap,
                        database_url=arguments.database_url)
     endpoints = await asyncio.to_thread(stack.up)
@@ -162,6 +166,7 @@ async def run_phases(arguments: argparse.Namespace, sizes: Sizes, stamp: str) ->
                 results[name] = {"error": f"{type(error).__name__}: {error}"}
             results[name]["phase_seconds"] = round(time.monotonic() - began, 1)
             load.samples.setdefault(name, []).append(os.getloadavg()[0])
+            save({"phases": results, "load_average_1m": load.summary(), "logs": str(logs)})
     finally:
         load.stop()
         if not arguments.keep_stack:
@@ -342,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": dataclasses.asdict(sizes),
         "machine": machine(),
     }
-    report.update(asyncio.run(run_phases(arguments, sizes, stamp)))
-    report["goals"] = goals(report["phases"])
-    report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     output = arguments.output or RESULTS / f"{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(figures: dict) -> None:
+        report.update(figures)
+        report["goals"] = goals(report["phases"])
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        output.write_text(json.dumps(report, indent=2) + "\n")
+
+    save(asyncio.run(run_phases(arguments, sizes, stamp, save)))
     print_table(report)
     print(f"\nresults: {output}")
     return 1 if any("error" in result for result in report["phases"].values()) else 0

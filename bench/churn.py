@@ -23,6 +23,8 @@ class ChangeStream:
     def __init__(self, states: dict[str, Change], *, seed: int, restarts: bool,
                  base_interval: float) -> None:
         self.states = states
+        # (config id, version) → interval, for what a run started at a version pulls with.
+        self.intervals = {(c.config_id, c.version): c.interval for c in states.values()}
         self._ids = sorted(states)
         self._rng = random.Random(seed)
         self._restarts = restarts
@@ -41,6 +43,7 @@ class ChangeStream:
         else:
             new = Change(config_id, not previous.enabled, previous.interval, version)
         self.states[config_id] = new
+        self.intervals[(config_id, version)] = new.interval
         return previous, new
 
 
@@ -100,14 +103,19 @@ class ActiveRuns:
             if current is not None and current.run_id == event.run_id:
                 del self.active[event.subject]
 
-    def matches(self, final: dict[str, Change], *, check_version: bool) -> bool:
+    def matches(self, final: dict[str, Change],
+                intervals: dict[tuple[str, int], float] | None = None) -> bool:
+        """Every config runs exactly when its last change says so, and, given `intervals`
+        of every version, a run pulls with the last change's interval: the product keeps
+        a run whose content did not change under a newer version (a disable and an enable
+        taken together), so its `started` event may name an older version."""
         for config_id, change in final.items():
             run = self.active.get(config_id)
             if change.enabled != (run is not None):
                 return False
-            if (check_version and run is not None and run.version is not None
-                    and run.version != change.version):
-                return False
+            if intervals is not None and run is not None and run.version is not None:
+                if intervals.get((config_id, run.version)) != change.interval:
+                    return False
         return True
 
 
