@@ -131,9 +131,10 @@ class Observer:
         return await asyncio.wait_for(future, timeout)
 
     async def all_of(self, subjects: Iterable[str], kind: str, *, since: float,
-                     timeout: float) -> dict[str, Seen]:
+                     timeout: float, stall: float | None = None) -> dict[str, Seen]:
         """Wait until every config has an event of `kind` since `since`; the first of each.
-        On a timeout, returns what arrived (fewer than asked for)."""
+        On a timeout, or when no config was added for `stall` seconds, returns what
+        arrived (fewer than asked for)."""
         wanted = set(subjects)
         found: dict[str, Seen] = {}
         for subject in wanted:
@@ -153,10 +154,19 @@ class Observer:
         if len(found) == len(wanted):
             return found
         self.watch(watcher)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        progress = (len(found), loop.time())
         try:
-            await asyncio.wait_for(complete.wait(), timeout)
-        except TimeoutError:
-            pass
+            while not complete.is_set() and loop.time() < deadline:
+                try:
+                    await asyncio.wait_for(complete.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                if len(found) != progress[0]:
+                    progress = (len(found), loop.time())
+                elif stall is not None and loop.time() - progress[1] > stall:
+                    break
         finally:
             self.unwatch(watcher)
         return found

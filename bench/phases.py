@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # The instance's lease timing (its defaults), for reading renewals from the table.
 LEASE_SECONDS = 10.0
+# A capacity start that has seen no new config start for this long has reached its limit.
+STALL_SECONDS = 120.0
 MIB = 1024 * 1024
 
 
@@ -86,15 +88,18 @@ def _timeout_for(configs: int) -> float:
     return max(60.0, configs * 0.05)
 
 
-async def start_all(deployment: Deployment, system, changes: list[Change]) -> dict:
-    """Apply changes that each ask for a start (or stop) and wait for every event."""
+async def start_all(deployment: Deployment, system, changes: list[Change], *,
+                    stall: float | None = None, timeout: float | None = None) -> dict:
+    """Apply changes that each ask for a start (or stop) and wait for every event, or
+    until no new config was seen for `stall` seconds."""
     assert deployment.observer is not None
     kind = "started" if changes[0].enabled else "stopped"
     began = time.time()
     await system.apply(changes)
     published = time.time() - began
     found = await deployment.observer.all_of(
-        [c.config_id for c in changes], kind, since=began, timeout=_timeout_for(len(changes)))
+        [c.config_id for c in changes], kind, since=began,
+        timeout=timeout or _timeout_for(len(changes)), stall=stall)
     latencies = [seen.arrived - began for seen in found.values()]
     return {
         "configs": len(changes),
@@ -409,14 +414,19 @@ async def capacity(context: Context, sizes: Sizes, *, profile_dir=None) -> dict:
                    if profile_dir else None)
         profiling = profile.start() if profile else False
         first_start = time.time()
+        # A start that stops making progress (every new run's start matched by another's
+        # lost lease) ends the wait: what the instance holds then is what it can hold.
         start = await start_all(deployment, system,
-                                [Change(f"cap-{n}", True, interval, 1) for n in range(count)])
+                                [Change(f"cap-{n}", True, interval, 1) for n in range(count)],
+                                stall=STALL_SECONDS, timeout=max(600.0, count * 0.03))
         start_profile = profile.stop() if profiling else None
+        running_after_start = await running_count(deployment)
 
         # Every run pulls first within 5 s of its start; wait for those pulls to end.
-        await wait_first_pulls(deployment, count, timeout=_timeout_for(count))
+        await wait_first_pulls(deployment, start["observed"], timeout=120.0)
         await asyncio.sleep(sizes.settle_seconds)
         rss_running = instance.rss_bytes()
+        loops = await running_count(deployment)
 
         watch = RenewalWatch(deployment.database_url, "cap-0")
         watching = asyncio.create_task(watch.run())
@@ -435,12 +445,13 @@ async def capacity(context: Context, sizes: Sizes, *, profile_dir=None) -> dict:
         metrics = await system.metrics()
 
         shutdown_began = time.time()
-        graceful = await system.stop(timeout=300.0)
-        loops = start["observed"]
+        graceful = await system.stop(timeout=120.0)
         result = {
             "configs": count,
             "interval_s": interval,
             "start": start,
+            "running_after_start": running_after_start,
+            "running_at_measurement": loops,
             "rss_mib": {"empty": round(rss_empty / MIB, 1),
                         "running": round(rss_running / MIB, 1)},
             "rss_per_loop_kib": round((rss_running - rss_empty) / max(1, loops) / 1024, 2),
@@ -462,6 +473,15 @@ async def capacity(context: Context, sizes: Sizes, *, profile_dir=None) -> dict:
         if start_profile or idle_profile:
             result["profile"] = {"start": start_profile, "idle": idle_profile}
         return result
+
+
+async def running_count(deployment: Deployment) -> int:
+    """Runs the table records as running, the loops the instance holds."""
+    conn = await asyncpg.connect(deployment.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM pull_tasks WHERE state = 'running'")
+    finally:
+        await conn.close()
 
 
 async def wait_first_pulls(deployment: Deployment, runs: int, *, timeout: float) -> int:
