@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from opentelemetry import trace
@@ -160,6 +160,8 @@ class OrderSource:
         self._session = aiohttp.ClientSession(
             connector=connector,
             trust_env=False,  # no proxy from the environment: the policy sees real addresses
+            # No cookies: one config's source must not plant state in another's requests.
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
             raise_for_status=False,
             trace_configs=[_last_moment_check()],
@@ -248,7 +250,7 @@ class OrderSource:
         waiting_for_slot = True
         try:
             async with asyncio.timeout(timeout):
-                async with self._slots.slot(host):
+                async with self._slots.slot(_host_and_port(config.source.url)):
                     waiting_for_slot = False
                     async with self._session.get(
                         config.source.url,
@@ -334,10 +336,12 @@ class SecretFiles:
 
     def scrub(self, text: str) -> str:
         """`text` with every piece of every secret read so far replaced by `***`."""
+        pieces: set[str] = set()
         for _stamp, value in self._cache.values():
-            # Pieces as basic auth cuts them: for a token, a few harmless extra ones.
-            for piece in _secret_pieces("basic", value):
-                text = text.replace(piece, "***")
+            # Pieces as either kind of auth cuts them: a few harmless extra ones.
+            pieces.update(_secret_pieces("basic", value), _secret_pieces("bearer", value))
+        for piece in sorted(pieces, key=len, reverse=True):
+            text = text.replace(piece, "***")
         return text
 
 
@@ -577,13 +581,38 @@ def _authorization(kind: str, name: str, secret: str) -> str:
 
 
 def _secret_pieces(kind: str, secret: str) -> tuple[str, ...]:
-    """What of a secret may show up in text: the secret, and for basic auth the password
-    and the header's base64 form."""
-    pieces = [secret]
+    """What of a secret may show up in text: the secret, for basic auth the password, the
+    base64 forms (standard and URL-safe, without padding, so that a percent-encoded `=`
+    does not hide them) of the secret and of the header value, and the percent-encoded
+    forms of all of those.
+
+    A source that re-encodes a secret any other way, or splits it, is not caught."""
+    plain = [secret]
     if kind == "basic":
         _user, _colon, password = secret.partition(":")
-        pieces += [password, base64.b64encode(secret.encode("utf-8")).decode("ascii")]
-    return tuple(p for p in pieces if len(p) >= MIN_SECRET_PIECE_CHARS)
+        plain.append(password)
+        header_values = [secret]
+    else:
+        header_values = [secret, f"Bearer {secret}"]
+    encoded = []
+    for value in header_values:
+        raw = value.encode("utf-8")
+        for form in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+            encoded.append(form.decode("ascii").rstrip("="))
+    pieces = plain + encoded
+    pieces += [quote(piece, safe="") for piece in pieces]
+    return tuple(dict.fromkeys(p for p in pieces if len(p) >= MIN_SECRET_PIECE_CHARS))
+
+
+def _host_and_port(url: str) -> str:
+    """What the per-host cap counts by: two ports of one host are two sources."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
 
 
 def _refuse_echoed_secret(body: bytes, pieces: tuple[str, ...], name: str) -> None:

@@ -544,6 +544,33 @@ async def test_requests_to_one_host_are_capped(
     assert all(not deployment.events_of(f"c{n}", "failed") for n in range(9))
 
 
+async def test_a_cookie_one_source_sets_never_reaches_the_requests_of_another_config(
+    deployment: Deployment, hostile: HostileSource,
+) -> None:
+    async def sets_a_cookie(_request: web.Request, _earlier: int) -> web.StreamResponse:
+        response = web.json_response({"orders": [], "next_cursor": None})
+        response.set_cookie("tenant_a_session", "SESSION-OF-TENANT-A", path="/")
+        return response
+
+    cookies: list[str | None] = []
+
+    async def reads_cookies(request: web.Request, _earlier: int) -> web.StreamResponse:
+        cookies.append(request.headers.get("Cookie"))
+        return web.json_response({"orders": [], "next_cursor": None})
+
+    hostile.behaviours["setter"] = sets_a_cookie
+    hostile.behaviours["reader"] = reads_cookies
+    await deployment.start_instance()
+    # A host name, not an address: cookie jars refuse cookies from IP addresses.
+    url = f"http://localhost:{hostile.port}/orders"
+    await deployment.put("setter", url=url, product="setter", interval=0.2)
+    await wait_for(lambda: len(hostile.of("setter")) >= 3, timeout=30, what="cookies set")
+    await deployment.put("reader", url=url, product="reader", interval=0.2)
+    await wait_for(lambda: len(cookies) >= 5, timeout=30, what="requests of the other config")
+    assert cookies[:5] == [None] * 5
+    assert len(hostile.of("setter")) >= 5  # and the setter's own requests carry none either
+
+
 async def test_retry_after_in_seconds_or_as_a_date_delays_the_next_run_up_to_the_cap(
     deployment: Deployment, hostile: HostileSource,
 ) -> None:

@@ -186,4 +186,17 @@ def test_an_answer_with_the_basic_header_form_or_password_is_refused():
 
 
 def test_pieces_too_short_to_be_told_from_ordinary_text_are_not_looked_for():
-    assert _secret_pieces("basic", "me:pw") == ("me:pw", "bWU6cHc=")
+    assert _secret_pieces("basic", "me:pw") == ("me:pw", "bWU6cHc", "me%3Apw")
+
+
+def test_encoded_forms_of_a_secret_are_looked_for_too():
+    basic = _secret_pieces("basic", "alice:Pa55w0rd-very-secret")
+    # The header's base64 without its padding: also found when the `=` is percent-encoded.
+    assert "YWxpY2U6UGE1NXcwcmQtdmVyeS1zZWNyZXQ" in basic
+    assert "Pa55w0rd-very-secret" in basic
+    bearer = _secret_pieces("bearer", "S3cr3tTok3n-XYZ-42")
+    assert "QmVhcmVyIFMzY3IzdFRvazNuLVhZWi00Mg" in bearer  # base64 of the header value
+    for text in ("http://x/?t=YWxpY2U6UGE1NXcwcmQtdmVyeS1zZWNyZXQ%3D",
+                 "token=Bearer%20S3cr3tTok3n-XYZ-42"):
+        pieces = basic + bearer
+        assert any(piece in text for piece in pieces), text
