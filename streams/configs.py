@@ -22,6 +22,7 @@ strings that are kept must not contain NUL characters or unpaired surrogates.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -618,7 +619,31 @@ def _url(where: str, value: Any, problems: list[str]) -> Any:
             f"{where}: must not carry a user or password; use source.auth with a secret file"
         )
         return _INVALID
+    problem = _host_problem(urlsplit(value).hostname or "")
+    if problem:
+        problems.append(f"{where}: {problem}")
+        return _INVALID
     return value
+
+
+def _host_problem(host: str) -> str | None:
+    """Why a request could never go to this host, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.xX]*", host):
+        return ("the host looks like an IPv4 address but is not one in the usual form; "
+                "write it as four decimal numbers, like 10.0.0.7")
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        return ("the host is not a valid host name: each dot-separated label must be 1 to 63 "
+                "characters")
+    if len(encoded) > 253:
+        return "the host name is longer than 253 characters"
+    return None
 
 
 def _is_http_url(text: str) -> bool:

@@ -817,7 +817,8 @@ secret_names = st.text(
     st.characters(exclude_categories=("Cs",), exclude_characters="\x00/"), min_size=1,
     max_size=200,
 ).filter(lambda name: not name.startswith("."))
-hosts = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){0,2}", fullmatch=True)
+# Host names start with a letter here: an all-digit name reads as an IPv4 address.
+hosts = st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){0,2}", fullmatch=True)
 urls = st.builds(
     lambda scheme, host, port, path: f"{scheme}://{host}{port}/{path}",
     st.sampled_from(["http", "https"]),
@@ -947,3 +948,29 @@ def test_a_record_over_the_size_limit_is_refused_before_it_is_parsed():
     with pytest.raises(InvalidRecord) as refused:
         decode_config_record(KEY, not_even_json, max_record_bytes=LIMIT)
     assert str(LIMIT) in refused.value.reason and "JSON" not in refused.value.reason
+
+
+@pytest.mark.parametrize("url", [
+    "http://" + "a" * 300 + "/",
+    "http://" + "a" * 64 + ".example.com/",
+    "http://2852039166/",
+    "http://0251.0376.0251.0376/",
+    "http://169.254.43518/",
+    "http://127.1:8080/",
+    "http://0x7f.0.0.1/",
+])
+def test_a_url_whose_host_no_request_could_reach_is_refused(url):
+    with pytest.raises(InvalidRecord) as refused:
+        decode_config_record(KEY, json.dumps(with_field("source.url", url)).encode(),
+                             max_record_bytes=LIMIT)
+    assert refused.value.reason.startswith("source.url: ")
+    assert "host" in refused.value.reason
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/o", "http://[::1]/o",
+                                 "https://orders.example.com/v1", "http://localhost/o",
+                                 "http://bücher.example/o"])
+def test_usual_hosts_are_accepted(url):
+    config = decode_config_record(KEY, json.dumps(with_field("source.url", url)).encode(),
+                                  max_record_bytes=LIMIT)
+    assert config.source.url == url
