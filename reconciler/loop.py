@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from aiokafka.errors import MessageSizeTooLargeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import inject
@@ -217,6 +218,14 @@ async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
     ]
     try:
         await services.publisher.send_all(services.orders_topic, records, deadline=run.deadline)
+    except MessageSizeTooLargeError:
+        largest, order = max(zip((len(r.value or b"") for r in records), page.orders),
+                             key=lambda pair: pair[0])
+        raise PullFailed(
+            f"order {str(order.get('id'))[:80]!r} is {largest} bytes, more than the broker "
+            f"takes in one record; the source must send it smaller (its cursor stays before "
+            f"it, so every run stops here until it does)"
+        ) from None
     except Expired:
         raise LeaseLost(f"the lease of run {run.run_id} ended before Kafka acknowledged "
                         f"its orders; they are dropped") from None

@@ -751,3 +751,20 @@ async def test_paging_stops_when_the_cursor_does_not_advance_or_pages_run_past_t
     assert sorted(order_keys(deployment, "repeats")) == ["shop-1:a", "shop-1:b", "shop-1:c"]
     assert (await deployment.row("repeats"))["cursor"] == "c3"
     assert deployment.events_of("repeats", "failed") == []
+
+
+async def test_an_order_larger_than_the_broker_takes_is_a_failed_pull_that_names_it(
+    deployment: Deployment, hostile: HostileSource,
+) -> None:
+    hostile.behaviours["big"] = paged({None: {
+        "orders": [{"id": "small", "x": 1}, {"id": "huge", "x": "y" * 1_500_000}],
+        "next_cursor": "c1",
+    }})
+    await deployment.start_instance()
+    await deployment.put("big", url=hostile.url, product="big", interval=0.2)
+
+    failed = await first_failure(deployment, "big")
+    assert "order 'huge' is" in failed["error"]
+    assert "more than the broker takes" in failed["error"]
+    row = await deployment.row("big")
+    assert row["cursor"] is None
