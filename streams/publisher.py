@@ -18,6 +18,7 @@ raises `Expired`; other sends caught in the refusal go again on the new producer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ class Publisher:
         refused = 0
         replaced = False
         while True:
-            guarded = await self._usable()
+            guarded = await self._usable_by(deadline)
             try:
                 errors = await self._send_with(guarded, topic, records, deadline)
             except _FATAL_TO_PRODUCER as error:
@@ -162,7 +163,10 @@ class Publisher:
         (`Expired` for those still unacknowledged at the deadline)."""
         if not records:
             return []
-        guarded = await self._usable()
+        try:
+            guarded = await self._usable_by(deadline)
+        except Expired as expired:
+            return [expired] * len(records)
         try:
             errors = await self._send_with(guarded, topic, records, deadline)
         except _FATAL_TO_PRODUCER as error:
@@ -235,14 +239,40 @@ class Publisher:
                          "producer takes over")
             else:
                 log.warning("the producer cannot go on (%s); starting a new one", error)
-            fresh = self._new_producer()
-            await fresh.producer.start()
+            fresh = await self._started_producer()
             self._current = fresh
         broken.refusing = True
         try:
             await asyncio.wait_for(broken.producer.stop(), 10)
         except Exception:
             pass
+
+    async def _started_producer(self) -> _Guarded:
+        """A new producer, started: while the broker is away, tried again every second."""
+        logged = False
+        while True:
+            fresh = self._new_producer()
+            try:
+                await fresh.producer.start()
+                return fresh
+            except KafkaError as error:
+                if not logged:
+                    log.warning("cannot start a new producer (%s); trying again every second",
+                                error)
+                    logged = True
+                with contextlib.suppress(Exception):
+                    await fresh.producer.stop()
+                await asyncio.sleep(1.0)
+
+    async def _usable_by(self, deadline: Deadline | None) -> _Guarded:
+        """`_usable`, but given up (as `Expired`) once the deadline passes."""
+        if deadline is None:
+            return await self._usable()
+        remaining = deadline() - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._usable()), max(0.0, remaining))
+        except TimeoutError:
+            raise Expired("the deadline passed while the producer was being replaced") from None
 
     async def reaches_broker(self, *, timeout: float) -> bool:
         """True when a metadata request to the cluster succeeds within `timeout`."""
