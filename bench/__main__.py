@@ -239,8 +239,9 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
     def lat(summary: dict | None) -> str:
         if not summary or not summary.get("samples"):
             return "no samples"
-        return (f"p50 {summary['p50_ms']:g}  p90 {summary['p90_ms']:g}  p99 "
-                f"{summary['p99_ms']:g}  max {summary['max_ms']:g} ms  (n={summary['samples']})")
+        return (f"p50 {summary['p50_ms']:,.1f}  p90 {summary['p90_ms']:,.1f}  p99 "
+                f"{summary['p99_ms']:,.1f}  max {summary['max_ms']:,.1f} ms  "
+                f"(n={summary['samples']})")
 
     for phase, result in results.items():
         if "error" in result:
