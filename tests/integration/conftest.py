@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from reconciler.settings import Settings
-from tests.integration.harness import Deployment
+from tests.integration.harness import Deployment, deployment_with_source
 
 
 @pytest.fixture(scope="session")
@@ -138,17 +138,8 @@ def settings(endpoints: dict[str, str], database_url: str) -> Settings:
 
 @pytest.fixture
 async def deployment(settings: Settings):
-    from reconciler.sample_source import SampleSource
-
-    source = SampleSource(rate=20.0)
-    await source.start()
-    deployment = Deployment(settings=settings, source=source)
-    await deployment.open()
-    try:
+    async with deployment_with_source(settings) as deployment:
         yield deployment
-    finally:
-        await deployment.close()
-        await source.stop()
 
 
 @pytest.fixture(scope="session")

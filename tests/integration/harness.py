@@ -5,6 +5,7 @@ product writes (lifecycle events, orders, DLQ records), and instances in-process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -218,6 +219,22 @@ class Deployment:
         finally:
             await conn.close()
         return None if row is None else dict(row)
+
+
+@contextlib.asynccontextmanager
+async def deployment_with_source(settings: Settings):
+    """A `Deployment` of `settings` with a sample order source of its own, both closed after."""
+    from reconciler.sample_source import SampleSource
+
+    source = SampleSource(rate=20.0)
+    await source.start()
+    deployment = Deployment(settings=settings, source=source)
+    await deployment.open()
+    try:
+        yield deployment
+    finally:
+        await deployment.close()
+        await source.stop()
 
 
 async def wait_for(

@@ -40,7 +40,7 @@ from reconciler.cli import _publish_configs
 from reconciler.localstack import postgres_supports_tls, project_root, system_postgres_binaries
 from reconciler.logs import TextFormatter
 from reconciler.settings import Settings
-from tests.integration.harness import Deployment, wait_for
+from tests.integration.harness import Deployment, deployment_with_source, wait_for
 
 integration = pytest.mark.integration
 
@@ -95,7 +95,6 @@ async def secure_database_url(secure_env: dict[str, str]) -> Iterator[str]:
 
 @pytest.fixture
 async def secure_deployment(secure_env: dict[str, str], secure_database_url: str):
-    from reconciler.sample_source import SampleSource
 
     prefix = f"s{uuid.uuid4().hex[:10]}"
     settings = Settings(
@@ -106,15 +105,8 @@ async def secure_deployment(secure_env: dict[str, str], secure_database_url: str
         RECONCILER_CONFIG_PARTITIONS=3,
         RECONCILER_HTTP_PORT=0,
     )
-    source = SampleSource(rate=20.0)
-    await source.start()
-    deployment = Deployment(settings=settings, source=source)
-    await deployment.open()
-    try:
+    async with deployment_with_source(settings) as deployment:
         yield deployment
-    finally:
-        await deployment.close()
-        await source.stop()
 
 
 def verified_url(database_url: str, ca_file: Path) -> str:
