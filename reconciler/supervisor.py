@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -42,7 +44,30 @@ class Outcome:
     retry_after: float | None = None
 
 
+@dataclass(eq=False)
+class _WatchedRun(Run):
+    """A run that tells the supervisor when a pull step begins, so that the hang check
+    looks only at runs with a pull under way instead of at every run."""
+
+    on_progress: Callable[[Run], None] | None = None
+
+    def progressed(self) -> None:
+        super().progressed()
+        if self.on_progress is not None:
+            self.on_progress(self)
+
+
 class Supervisor:
+    """The registry of runs, with two schedules for the watchdog.
+
+    Runs renewed by one statement share one deadline, so lease deadlines are kept in a heap
+    of (deadline, runs) entries: a start pushes one, a renewal one for all the runs it moved.
+    An entry is looked at when it comes due; a run whose deadline moved on since has a later
+    entry and is skipped. Runs with a pull under way are kept in a second heap, by the time
+    their pull would count as hung; a run whose pull ended or progressed meanwhile is dropped
+    or filed again. So a watchdog pass costs what is due, not the size of the registry.
+    """
+
     def __init__(
         self,
         *,
@@ -62,21 +87,29 @@ class Supervisor:
         self._stop_timeout = stop_timeout
         self._hang_grace = hang_grace
         self.runs: dict[str, Run] = {}
+        # (deadline, tie-breaker, runs whose lease deadline was set to it)
+        self._deadlines: list[tuple[float, int, list[Run]]] = []
+        # (time the pull would be hung, tie-breaker, run) for runs with a pull under way
+        self._busy: list[tuple[float, int, Run]] = []
+        self._busy_runs: set[Run] = set()
+        self._order = itertools.count()
 
     def start(self, lease: Lease, *, lease_taken_at: float) -> Run:
         config_id = lease.config.id
         assert config_id not in self.runs, f"a run of {config_id} is already registered"
-        run = Run(
+        run = _WatchedRun(
             config=lease.config,
             run_id=lease.run_id,
             fence=lease.fence,
             cursor=lease.cursor,
             first_pull_delay=lease.first_pull_delay,
             lease_deadline=lease_taken_at + self._lease_seconds - self._lease_margin,
+            on_progress=self._watch_pull,
         )
         run.task = asyncio.create_task(pull_loop(run, self._services), name=f"run:{config_id}")
         run.task.add_done_callback(lambda _: self._on_run_ended(config_id))
         self.runs[config_id] = run
+        self._file_deadline(run.lease_deadline, [run])
         return run
 
     async def stop(self, config_id: str, *, reason: str) -> bool:
@@ -145,9 +178,12 @@ class Supervisor:
         )
         deadline = sent + self._lease_seconds - self._lease_margin
         self._services.metrics.lease_renewals.add(len(renewed))
+        moved = []
         for run in live:
-            if run.config.id in renewed:
-                run.lease_deadline = max(run.lease_deadline, deadline)
+            if run.config.id in renewed and run.lease_deadline < deadline:
+                run.lease_deadline = deadline
+                moved.append(run)
+        self._file_deadline(deadline, moved)
         self.enforce_deadlines()
 
     def enforce_deadlines(self) -> None:
@@ -155,26 +191,67 @@ class Supervisor:
         and, as failed, the runs whose pull made no progress for its request timeout plus
         the grace: a source that never answers, or a code path that awaits forever."""
         now = time.monotonic()
-        for run in self.runs.values():
+        hung_now = self._end_hung_pulls(now)
+        self._end_expired_leases(now, skip=hung_now)
+
+    def _end_hung_pulls(self, now: float) -> set[Run]:
+        hung_now: set[Run] = set()
+        while self._busy and self._busy[0][0] < now:
+            _, _, run = heapq.heappop(self._busy)
             since = run.busy_since_progress
-            limit = run.config.source.timeout_seconds + self._hang_grace
-            if (since is not None and now - since > limit and run.hang is None
-                    and run.stop_reason is None and not run.task.done()):
-                run.hang = (f"pull made no progress for {now - since:.0f} s "
-                            f"(request timeout {run.config.source.timeout_seconds:g} s); "
-                            f"ended by the watchdog")
-                log.warning("pull hung; ending the run as failed",
-                            extra={"config_id": run.config.id, "run_id": run.run_id})
-                run.revoke()
-                run.task.cancel()
+            if since is None or run.task.done():
+                self._busy_runs.discard(run)
                 continue
-            if run.lease_deadline <= now and not run.task.done() and run.stop_reason is None:
+            limit = run.config.source.timeout_seconds + self._hang_grace
+            if now - since <= limit:
+                # The pull progressed since this entry was filed.
+                heapq.heappush(self._busy, (since + limit, next(self._order), run))
+                continue
+            self._busy_runs.discard(run)
+            if run.hang is not None or run.stop_reason is not None:
+                continue
+            run.hang = (f"pull made no progress for {now - since:.0f} s "
+                        f"(request timeout {run.config.source.timeout_seconds:g} s); "
+                        f"ended by the watchdog")
+            log.warning("pull hung; ending the run as failed",
+                        extra={"config_id": run.config.id, "run_id": run.run_id})
+            run.revoke()
+            run.task.cancel()
+            hung_now.add(run)
+        return hung_now
+
+    def _end_expired_leases(self, now: float, *, skip: set[Run]) -> None:
+        later: list[Run] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, runs = heapq.heappop(self._deadlines)
+            for run in runs:
+                if run.lease_deadline != deadline or run.task.done():
+                    continue  # renewed meanwhile (a later entry has it), or over
+                if run.stop_reason is not None:
+                    continue
+                if run in skip:
+                    # Ended as hung in this pass; its lease is looked at again in the next.
+                    later.append(run)
+                    continue
                 log.warning(
                     "lease lost; stopping the run",
                     extra={"config_id": run.config.id, "run_id": run.run_id},
                 )
                 run.stop_reason = "lease-lost"
                 run.task.cancel()
+        for run in later:
+            self._file_deadline(run.lease_deadline, [run])
+
+    def _file_deadline(self, deadline: float, runs: list[Run]) -> None:
+        if runs:
+            heapq.heappush(self._deadlines, (deadline, next(self._order), runs))
+
+    def _watch_pull(self, run: Run) -> None:
+        if run in self._busy_runs:
+            return  # already filed; a later look files it again by its newer progress
+        self._busy_runs.add(run)
+        limit = run.config.source.timeout_seconds + self._hang_grace
+        heapq.heappush(self._busy, (run.busy_since_progress + limit, next(self._order), run))
 
     def abandon(self, config_id: str, *, reason: str) -> None:
         """Stop a run at once, dropping whatever it has not finished: for a run whose
