@@ -64,7 +64,7 @@ class Observer:
     async def start(self) -> None:
         consumer = AIOKafkaConsumer(
             **self._connection.client_options(), group_id=None, enable_auto_commit=False,
-            fetch_max_wait_ms=100,
+            fetch_max_wait_ms=100, isolation_level="read_committed",
         )
         await consumer.start()
         partitions = consumer.partitions_for_topic(self._topic)

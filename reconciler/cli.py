@@ -444,6 +444,7 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
         **kafka_connection(settings).client_options(),
         group_id=None,
         enable_auto_commit=False,
+        isolation_level="read_committed",
         auto_offset_reset="earliest",
     )
     try:

@@ -91,6 +91,7 @@ class TopicTail:
             topic,
             group_id=None,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",
             enable_auto_commit=False,
             **connection.client_options(),
         )
@@ -131,7 +132,8 @@ async def read_to_end(
 ) -> list[ConsumerRecord]:
     """Every record of `topic` from its beginning up to the end it has now."""
     consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **connection.client_options()
+        group_id=None, enable_auto_commit=False, isolation_level="read_committed",
+        **connection.client_options()
     )
     await consumer.start()
     try:

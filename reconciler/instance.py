@@ -38,13 +38,14 @@ from streams.configs import Config, InvalidRecord, decode_config_record
 from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
+from streams.transactions import TransactionalSender, TransactionalSenders
 from streams.topics import Topics, ensure_topics
 from streams.tracing import processing_span, producer_span
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
 from reconciler.http import HttpEndpoints
 from reconciler.loop import LoopServices, Run
 from reconciler.metrics import Metrics, otlp_metric_reader
-from reconciler.outbox import OutboxRelay
+from reconciler.outbox import IDLE_IN_BATCH_SECONDS, OutboxRelay
 from reconciler.settings import Settings
 from reconciler.source import OrderSource
 from reconciler.store import LEASE_CHANNEL, Store, TaskRow
@@ -104,6 +105,8 @@ class Instance:
         self.assigned: set[int] = set()
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        self.orders: TransactionalSenders | None = None
+        self.events: TransactionalSender | None = None
         self.source: OrderSource | None = None
         self.relay: OutboxRelay | None = None
         self.supervisor: Supervisor | None = None
@@ -143,16 +146,23 @@ class Instance:
 
         self.publisher = Publisher(connection)
         await self.publisher.start()
+        # Transactional ids shared by every instance of the deployment: the broker fences
+        # whoever held one before (see `streams.transactions`).
+        self.orders = TransactionalSenders(connection, settings.group_id,
+                                           transaction_timeout=settings.lease_seconds)
+        self.events = TransactionalSender(connection, f"{settings.group_id}.task-events",
+                                          transaction_timeout=IDLE_IN_BATCH_SECONDS)
         self.source = OrderSource.from_settings(settings)
         await self.source.start()
         self.relay = OutboxRelay(
-            store=self.store, publisher=self.publisher, connection=connection,
-            topic=self.topics.task_events, may_send=self._broker_recently_reached,
+            store=self.store, sender=self.events, publisher=self.publisher,
+            connection=connection, topic=self.topics.task_events,
+            may_send=self._broker_recently_reached,
         )
         self.supervisor = Supervisor(
             services=LoopServices(
                 source=self.source,
-                publisher=self.publisher,
+                orders=self.orders,
                 store=self.store,
                 orders_topic=self.topics.orders,
                 metrics=self.metrics,
@@ -232,6 +242,10 @@ class Instance:
             await asyncio.wait(self._background, timeout=5.0)
         if self.source is not None:
             await self.source.close()
+        if self.orders is not None:
+            await _bounded(self.orders.close(), 10.0, "closing the orders' producers")
+        if self.events is not None:
+            await _bounded(self.events.close(), 10.0, "closing the events' producer")
         if self.publisher is not None:
             await _bounded(self.publisher.stop(), 10.0, "stopping the producer")
         if self.store is not None:

@@ -9,10 +9,12 @@ is revoked, and its orders not yet acknowledged are dropped, never written later
 
 Before every request and every publish the run checks its lease deadline (monotonic clock,
 moved forward by each renewal); past it the run raises `LeaseLost` and does nothing more.
-The orders of a page carry the same deadline into the producer, which writes none of them
-after it (see `streams.publisher`), so a run frozen or cut off with orders queued cannot
-deliver them once a successor may be running. Every write to the table carries the run's
-fencing number and raises `Fenced` when stale.
+Orders go out in Kafka transactions under the transactional id of the config's configs
+partition (see `streams.transactions`), and a run holds that id, fencing every earlier
+holder, before its first request: so orders a predecessor wrote before its deadline but
+that reach the broker late (a frozen process, a path that held them) are rejected or
+aborted, never visible to a read-committed consumer after this run began. Every write to
+the table carries the run's fencing number and raises `Fenced` when stale.
 
 The loop ends only by cancellation (a stop) or by an exception: `PullFailed`, `LeaseLost`,
 `Fenced`, or a crash. The supervisor turns that into the run's end event.
@@ -28,14 +30,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import Link
 
 from streams.configs import Config
-from streams.publisher import Expired, OutgoingRecord, Publisher
+from streams.publisher import Expired, OutgoingRecord
+from streams.transactions import TransactionalSenders
 from streams.tracing import producer_span
 from reconciler.metrics import Metrics
 from reconciler.source import OrderSource, Page, PagingGuard, PullFailed, RunIdentity
@@ -108,7 +111,8 @@ class Run:
 @dataclass(frozen=True, slots=True)
 class LoopServices:
     source: OrderSource
-    publisher: Publisher
+    # Orders go through the sender of the run's configs partition.
+    orders: TransactionalSenders
     store: Store
     orders_topic: str
     metrics: Metrics
@@ -119,9 +123,15 @@ def first_pull_jitter(interval: float) -> float:
     return random.uniform(0.0, min(0.1 * interval, 5.0))
 
 
+def orders_scope(run: Run) -> str:
+    """The fencing scope of the run's orders: its config's partition of the configs topic."""
+    return f"orders-p{run.source_partition}"
+
+
 async def pull_loop(run: Run, services: LoopServices) -> None:
     interval = run.config.interval_seconds
     await asyncio.sleep(run.first_pull_delay + first_pull_jitter(interval))
+    await _hold_orders_scope(run, services)
     while True:
         started = time.monotonic()
         labels = services.metrics.config_labels(run.config.id)
@@ -143,6 +153,17 @@ async def pull_loop(run: Run, services: LoopServices) -> None:
         run.busy_since_progress = None
         run.pulled += 1
         await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
+
+
+async def _hold_orders_scope(run: Run, services: LoopServices) -> None:
+    """Fence every earlier holder of the run's orders scope before the first request."""
+    run.check_lease()
+    try:
+        await services.orders.send_all(orders_scope(run), services.orders_topic, [],
+                                       deadline=run.deadline)
+    except Expired:
+        raise LeaseLost(f"the lease of run {run.run_id} ended before it could hold its "
+                        f"orders' transactional id") from None
 
 
 async def pull(run: Run, services: LoopServices) -> None:
@@ -217,8 +238,9 @@ async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
         for order in page.orders
     ]
     try:
-        await services.publisher.send_all(services.orders_topic, records, deadline=run.deadline)
-    except MessageSizeTooLargeError:
+        await services.orders.send_all(orders_scope(run), services.orders_topic, records,
+                                       deadline=run.deadline)
+    except (MessageSizeTooLargeError, RecordTooLargeError):
         largest, order = max(zip((len(r.value or b"") for r in records), page.orders),
                              key=lambda pair: pair[0])
         raise PullFailed(

@@ -9,19 +9,23 @@ in id order keeps every config's events in the order of its state changes (the c
 lock serialises those), so a successor's `started` never overtakes the `stopped` of the run
 before it, even across instances.
 
-The lock lasts one batch only, and a batch has a deadline (`BATCH_SECONDS`): events not
-acknowledged by then are dropped by the producer, never written later, and the transaction
-rolls back. PostgreSQL ends the relay's session if it sits in the transaction longer than
-that (a frozen relay), and a relay sends nothing while its instance cannot reach the
-broker. So an instance that froze or lost the broker mid-batch holds everyone's events for
-seconds at most.
+The lock lasts one batch only, and a batch has a deadline (`BATCH_SECONDS`), taken before
+the last statement the batch's session sends: PostgreSQL ends that session, releasing the
+lock, only after it sat idle longer than `IDLE_IN_BATCH_SECONDS`, which is longer. So a
+relay frozen mid-batch wakes past its deadline and sends nothing, while its successor may
+already be sending the same rows. A relay sends nothing while its instance cannot reach
+the broker, so an instance that froze or lost the broker mid-batch holds everyone's events
+for seconds at most.
+
+Events go out in Kafka transactions under one transactional id for the deployment: the
+relay that sends a batch holds the id, so a batch written by an earlier relay that reaches
+the broker late is rejected, or aborted and never seen by read-committed consumers.
 
 Never twice: before sending, a batch's rows are marked as attempted in a commit of their
-own. A row still in the table with an attempt this relay did not see acknowledged may have
-reached Kafka (its relay died between the acknowledgement and the delete, or gave up while
-a request was on the wire): before anything is sent past it, the tail of the topic is read,
-and rows whose event is there are deleted instead of sent again. What is left is a request
-that was on the wire at a deadline and appended after that check, a race of milliseconds.
+own. A row still in the table with an attempt this relay did not see committed may have
+reached Kafka (its relay died between the commit and the delete): before anything is sent
+past it, the committed tail of the topic is read, and rows whose event is there are deleted
+instead of sent again.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from collections import OrderedDict
 from typing import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streams.connection import KafkaConnection
 from streams.lifecycle import encode_lifecycle_event
-from streams.publisher import OutgoingRecord, Publisher
+from streams.publisher import Expired, OutgoingRecord, Publisher
+from streams.transactions import TransactionalSender
 from reconciler.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,9 +51,11 @@ log = logging.getLogger(__name__)
 BATCH = 500
 REMEMBERED = 100_000
 POLL_SECONDS = 1.0
-# A batch's deadline for the broker's acknowledgements.
+# A batch's deadline, from just before its session's last statement, for everything it
+# sends to the broker.
 BATCH_SECONDS = 5.0
-# Longer than a batch's deadline, so only a frozen relay hits it.
+# Longer than a batch's deadline, so only a relay frozen past it loses its session; the
+# difference is the margin for a pause between checking the deadline and sending.
 IDLE_IN_BATCH_SECONDS = 10.0
 # Records read back per partition when looking for events that may have been sent: every
 # record written after a doubtful attempt belongs to that attempt's batch or the one before.
@@ -57,9 +65,12 @@ _RELAY_LOCK = 0x6F7574626F78
 
 
 class OutboxRelay:
-    def __init__(self, *, store: Store, publisher: Publisher, connection: KafkaConnection,
-                 topic: str, may_send: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, *, store: Store, sender: TransactionalSender, publisher: Publisher,
+                 connection: KafkaConnection, topic: str,
+                 may_send: Callable[[], bool] = lambda: True) -> None:
         self._store = store
+        self._sender = sender
+        # For the topic's partitions only.
         self._publisher = publisher
         self._connection = connection
         self._topic = topic
@@ -146,6 +157,7 @@ class OutboxRelay:
                     self._wakeup.set()
                     await asyncio.sleep(0.05)
                     return False
+                deadline = time.monotonic() + BATCH_SECONDS
                 rows = await conn.fetch(
                     "SELECT id, config_id, event, attempt FROM lifecycle_outbox "
                     "ORDER BY id LIMIT $1",
@@ -162,7 +174,7 @@ class OutboxRelay:
                         break
                     if row["id"] not in self._acknowledged:
                         unsent.append(row)
-                errors: list[BaseException | None] = []
+                failed: BaseException | None = None
                 if unsent:
                     await self._store.mark_outbox_attempted([row["id"] for row in unsent])
                     records = []
@@ -170,11 +182,13 @@ class OutboxRelay:
                         value, headers = encode_lifecycle_event(json.loads(row["event"]))
                         records.append(OutgoingRecord(key=row["config_id"].encode(),
                                                       value=value, headers=headers))
-                    deadline = time.monotonic() + BATCH_SECONDS
-                    errors = await self._publisher.send_each(self._topic, records,
-                                                             deadline=lambda: deadline)
-                    for row, error in zip(unsent, errors):
-                        if error is None:
+                    try:
+                        await self._sender.send_all(self._topic, records,
+                                                    deadline=lambda: deadline)
+                    except (Expired, KafkaError) as error:
+                        failed = error
+                    else:
+                        for row in unsent:
                             self._remember(self._acknowledged, row["id"])
                 done = [row["id"] for row in rows if row["id"] in self._acknowledged]
                 await conn.execute(
@@ -183,7 +197,6 @@ class OutboxRelay:
         for row_id in done:
             self._acknowledged.pop(row_id, None)
             self._not_found.pop(row_id, None)
-        failed = next((error for error in errors if error is not None), None)
         if failed is not None:
             raise failed
         self.sent += len(done)
@@ -201,6 +214,10 @@ class OutboxRelay:
         if not doubtful:
             return
         wanted = {json.loads(row["event"])["id"]: row["id"] for row in doubtful}
+        # Holding the transactional id anew settles the transaction of the relay that made
+        # the attempt: committed or aborted, it is then final in what the topic shows.
+        settled_by = time.monotonic() + LOOKBACK_SECONDS
+        await self._sender.hold_anew(deadline=lambda: settled_by)
         found = await asyncio.wait_for(self._find_in_topic(set(wanted)), LOOKBACK_SECONDS)
         sent = [wanted[event_id] for event_id in found]
         if sent:
@@ -218,7 +235,8 @@ class OutboxRelay:
         """Which of these CloudEvent ids are among the last `LOOKBACK` records of each
         partition of the topic."""
         consumer = AIOKafkaConsumer(
-            **self._connection.client_options(), group_id=None, enable_auto_commit=False
+            **self._connection.client_options(), group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed",
         )
         await consumer.start()
         try:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -73,6 +73,7 @@ class Deployment:
         self._tasks: list[asyncio.Task] = []
         self.instances: list[Instance] = []
         self.processes: list[subprocess.Popen] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def open(self) -> None:
         await ensure_topics(
@@ -92,6 +93,8 @@ class Deployment:
                 process.wait(10)
         for instance in self.instances:
             await instance.stop()
+        for closer in self._closers:
+            await closer()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -99,6 +102,10 @@ class Deployment:
             await consumer.stop()
         await self.publisher.stop()
         await self._delete_topics()
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await `closer` when the deployment closes, after its instances stopped."""
+        self._closers.append(closer)
 
     async def _delete_topics(self) -> None:
         """Delete this deployment's topics, so the broker does not carry every test's
@@ -117,8 +124,10 @@ class Deployment:
             await admin.close()
 
     def _follow(self, topic: str, sink: Callable[[Any], None]) -> None:
+        # As the product's users are told to read: committed records only.
         consumer = AIOKafkaConsumer(
-            **self.connection.client_options(), group_id=None, enable_auto_commit=False
+            **self.connection.client_options(), group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed",
         )
         self._consumers.append(consumer)
 

@@ -359,15 +359,15 @@ class SlowPublishing:
     on: bool = True
 
     def wrap(self, instance: Instance, *, orders_topic: str) -> None:
-        publisher = instance.publisher
-        send_all = publisher.send_all
+        orders = instance.orders
+        send_all = orders.send_all
 
-        async def slow_send_all(topic, records, **options):
-            if topic == orders_topic and self.on:
+        async def slow_send_all(scope, topic, records, **options):
+            if records and self.on:
                 await asyncio.sleep(self.rng.uniform(1.0, 3.0))
-            await send_all(topic, records, **options)
+            await send_all(scope, topic, records, **options)
 
-        publisher.send_all = slow_send_all
+        orders.send_all = slow_send_all
 
 
 async def start_slow_instance(

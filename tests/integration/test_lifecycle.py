@@ -115,18 +115,18 @@ async def test_reenable_while_the_old_loop_is_slow_to_stop_waits_for_it_to_end(
     deployment: Deployment,
 ) -> None:
     instance = await deployment.start_instance(stop_timeout_seconds=0.5)
-    publisher = instance.publisher
-    send_all = publisher.send_all
+    orders = instance.orders
+    send_all = orders.send_all
     slow = asyncio.Event()
 
-    async def slow_send_all(topic, records, **options):
+    async def slow_send_all(scope, topic, records, **options):
         # Publishing a page is the part of a pull a stop does not interrupt: holding it
         # keeps the old loop alive well past the stop bound.
-        if slow.is_set() and topic == deployment.topics.orders:
+        if slow.is_set() and records:
             await asyncio.sleep(2.5)
-        await send_all(topic, records, **options)
+        await send_all(scope, topic, records, **options)
 
-    publisher.send_all = slow_send_all
+    orders.send_all = slow_send_all
     await deployment.put("c1", interval=0.2)
     await wait_for(lambda: deployment.orders_of("c1"), timeout=20, what="first orders")
     slow.set()

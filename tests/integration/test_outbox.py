@@ -11,6 +11,8 @@ import uuid
 import pytest
 
 from streams.lifecycle import lifecycle_event
+from streams.transactions import TransactionalSender
+from reconciler import outbox
 from reconciler.outbox import OutboxRelay
 from reconciler.store import Store
 from tests.integration.harness import Deployment, wait_for
@@ -44,7 +46,13 @@ async def insert_events(store: Store, count: int) -> list[str]:
 
 
 def relay_for(deployment: Deployment, store: Store) -> OutboxRelay:
-    return OutboxRelay(store=store, publisher=deployment.publisher,
+    """A relay of its own, as in another instance: its own producer for the deployment's
+    events transactional id."""
+    sender = TransactionalSender(deployment.connection,
+                                 f"{deployment.settings.group_id}.task-events",
+                                 transaction_timeout=10)
+    deployment.on_close(sender.close)
+    return OutboxRelay(store=store, sender=sender, publisher=deployment.publisher,
                        connection=deployment.connection, topic=deployment.topics.task_events)
 
 
@@ -62,13 +70,13 @@ async def test_events_a_dead_relay_had_sent_are_found_in_the_topic_and_not_sent_
     try:
         ids = await insert_events(store, 40)
         dying = relay_for(deployment, store)
-        send_each = deployment.publisher.send_each
+        send_all = dying._sender.send_all
 
         async def send_then_die(topic, records, **options):
-            await send_each(topic, records, **options)
-            raise Died()  # acknowledged by Kafka, never deleted from the outbox
+            await send_all(topic, records, **options)
+            raise Died()  # committed in Kafka, never deleted from the outbox
 
-        dying._publisher = type("P", (), {"send_each": staticmethod(send_then_die)})()
+        dying._sender = type("S", (), {"send_all": staticmethod(send_then_die)})()
         with pytest.raises(Died):
             await dying._send_batch()
         assert await store.outbox_depth() == 40
@@ -96,7 +104,7 @@ async def test_events_a_dead_relay_only_tried_to_send_are_sent_once_by_the_next(
         async def die_before_sending(topic, records, **options):
             raise Died()
 
-        dying._publisher = type("P", (), {"send_each": staticmethod(die_before_sending)})()
+        dying._sender = type("S", (), {"send_all": staticmethod(die_before_sending)})()
         with pytest.raises(Died):
             await dying._send_batch()
         attempts = await store.pool.fetch("SELECT attempt FROM lifecycle_outbox")
@@ -111,4 +119,46 @@ async def test_events_a_dead_relay_only_tried_to_send_are_sent_once_by_the_next(
         counts = collections.Counter(e["id"] for e in deployment.events)
         assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
     finally:
+        await store.close()
+
+
+async def test_a_relay_stuck_past_its_session_sends_nothing_its_successor_sent(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay that stalls after reading its batch (frozen, or its marking write stuck)
+    loses its session, and with it the lock, after the idle limit; the next relay sends
+    the rows. When the first one moves again its batch deadline has passed: it sends
+    nothing, so every event is in the topic once."""
+    monkeypatch.setattr(outbox, "BATCH_SECONDS", 1.0)
+    monkeypatch.setattr(outbox, "IDLE_IN_BATCH_SECONDS", 2.0)
+    store = await open_store(deployment)
+    stuck_store = await open_store(deployment)
+    try:
+        ids = await insert_events(store, 30)
+        stuck = relay_for(deployment, stuck_store)
+        unstuck = asyncio.Event()
+        mark = stuck_store.mark_outbox_attempted
+
+        async def stalled_mark(row_ids):
+            await unstuck.wait()
+            await mark(row_ids)
+
+        stuck_store.mark_outbox_attempted = stalled_mark
+        stalled = asyncio.create_task(stuck._send_batch())
+        await asyncio.sleep(0.5)
+        assert not stalled.done()
+
+        successor = relay_for(deployment, store)
+        await drain(successor, store)  # possible only once the stuck session was ended
+        await wait_for(lambda: len(deployment.events) >= 30, timeout=30, what="the events")
+
+        unstuck.set()
+        with pytest.raises(Exception):
+            await asyncio.wait_for(stalled, 30)  # its session is gone
+        assert stuck._sender.transactions == 0
+        await asyncio.sleep(2.0)
+        counts = collections.Counter(e["id"] for e in deployment.events)
+        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+    finally:
+        await stuck_store.close()
         await store.close()
