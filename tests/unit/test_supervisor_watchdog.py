@@ -1,4 +1,5 @@
-"""The supervisor's watchdog: lease deadlines and hung pulls, with loops that only sleep."""
+"""The supervisor's leases and watchdog: renewals, lease deadlines and hung pulls, with loops
+that only sleep."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from streams.configs import config_from_json_dict
 from reconciler.store import Lease
+from reconciler import supervisor as supervisor_module
 from reconciler.supervisor import Ending, Supervisor
 
 LEASE = 10.0
@@ -27,8 +31,10 @@ class RenewingStore:
 
     def __init__(self) -> None:
         self.renewable: set[str] = set()
+        self.statements: list[list[tuple]] = []
 
     async def renew_leases(self, runs, *, lease_seconds: float) -> set[str]:
+        self.statements.append(list(runs))
         return {config_id for config_id, *_ in runs if config_id in self.renewable}
 
 
@@ -116,3 +122,26 @@ async def test_a_hung_run_past_its_lease_too_ends_as_failed_not_as_lease_lost():
 
     assert run.task.cancelled()
     assert supervisor.outcome_of(run).ending is Ending.FAILED
+
+
+async def test_renewal_sends_the_live_runs_in_chunks_and_moves_only_the_renewed_deadlines(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(supervisor_module, "RENEWAL_CHUNK", 2)
+    store = RenewingStore()
+    supervisor = supervisor_with(store)
+    taken = time.monotonic() - 5.0
+    runs = [supervisor.start(lease_for(f"c{n}"), lease_taken_at=taken) for n in range(6)]
+    runs[5].revoke()  # a revoked run is not renewed
+    store.renewable = {"c0", "c1", "c2", "c4"}
+
+    before = time.monotonic()
+    await supervisor.renew_leases()
+
+    assert [[config_id for config_id, *_ in statement] for statement in store.statements] == [
+        ["c0", "c1"], ["c2", "c3"], ["c4"]]
+    assert store.statements[0][0] == ("c0", "run-c0", 1, None)
+    for run in runs:
+        renewed = run.config.id in store.renewable
+        assert (run.lease_deadline >= before + LEASE - MARGIN) is renewed, run.config.id
+    await supervisor.cancel_all(reason="shutdown")
