@@ -2,8 +2,11 @@
 
 Spans are exported when the standard variables ask for it: `OTEL_TRACES_EXPORTER=otlp`, or
 an `OTEL_EXPORTER_OTLP_ENDPOINT` with no other traces exporter named. The OTLP/HTTP exporter
-reads the rest of its `OTEL_EXPORTER_OTLP_*` settings itself. Without an exporter, spans
-still give real trace ids to the `traceparent` values that travel in headers and events.
+reads the rest of its `OTEL_EXPORTER_OTLP_*` settings itself. Without an exporter nothing
+would read a span, so spans are not recorded (they cost a measurable share of every start,
+stop and pull): a `ParentBased(ALWAYS_OFF)` sampler still makes trace and span ids, so the
+`traceparent` values that travel in headers and events are real. A trace that arrives
+sampled from upstream is recorded as before, so its sampled flag travels on unchanged.
 
 `setup_tracing` is meant to run once per process; a second call (tests run several
 instances in one process) keeps the first provider.
@@ -15,8 +18,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 
 from reconciler.settings import Settings
+
+
+# Without an exporter: ids for `traceparent`, no recording for traces that start here.
+UNEXPORTED_SAMPLER: Sampler = ParentBased(ALWAYS_OFF)
 
 
 def telemetry_resource(*, service_name: str, instance_id: str) -> Resource:
@@ -33,12 +41,21 @@ def setup_tracing(settings: Settings) -> TracerProvider:
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
+    provider = tracer_provider(settings)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer_provider(settings: Settings) -> TracerProvider:
+    """The provider the settings ask for, not yet made the process's own."""
+    exporting = otlp_traces_enabled(settings)
     provider = TracerProvider(
         resource=telemetry_resource(
             service_name=settings.otel_service_name, instance_id=settings.instance_id
-        )
+        ),
+        sampler=None if exporting else UNEXPORTED_SAMPLER,
     )
-    if otlp_traces_enabled(settings):
+    if exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         endpoint = settings.otel_exporter_otlp_endpoint
@@ -47,5 +64,4 @@ def setup_tracing(settings: Settings) -> TracerProvider:
             if endpoint else OTLPSpanExporter()
         )
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
     return provider
