@@ -1,5 +1,9 @@
 """A TCP relay on loopback that a test can cut: every byte between one client and a server
 goes through it, and `cut()` drops every connection and refuses new ones until `restore()`.
+
+`hold_from(api_key)` makes it a path that holds bytes instead: from the first Kafka request
+with that API key on, what the client sends is kept (even after the client hung up) until
+`release()` delivers it to the broker.
 """
 
 from __future__ import annotations
@@ -15,6 +19,23 @@ class Relay:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._cut = False
+        self._hold_api_key: int | None = None
+        self._released = asyncio.Event()
+        self.held_requests = 0
+        self._holding: dict[asyncio.StreamWriter, list[bytes]] = {}
+
+    def hold_from(self, api_key: int) -> None:
+        self._hold_api_key = api_key
+        self._released.clear()
+
+    def release(self) -> None:
+        """Deliver every held request, in order, and forward the rest again."""
+        self._hold_api_key = None
+        for writer, held in self._holding.items():
+            if held and not writer.is_closing():
+                writer.write(b"".join(held))
+            held.clear()
+        self._released.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.listen_port)
@@ -46,7 +67,8 @@ class Relay:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._upstream(reader, up_writer),
+                                 self._pipe(up_reader, writer))
         finally:
             for w in (writer, up_writer):
                 self._writers.discard(w)
@@ -60,4 +82,25 @@ class Relay:
                     break
                 writer.write(data)
                 await writer.drain()
+        writer.transport.abort()
+
+    async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Client to server, one Kafka request (4-byte size, then the request) at a time."""
+        held: list[bytes] = []
+        self._holding[writer] = held
+        with contextlib.suppress(OSError, ConnectionError, asyncio.IncompleteReadError):
+            while not self._cut:
+                size = await reader.readexactly(4)
+                request = await reader.readexactly(int.from_bytes(size, "big"))
+                api_key = int.from_bytes(request[:2], "big")
+                if held or (self._hold_api_key is not None and api_key == self._hold_api_key):
+                    self.held_requests += 1
+                    held.append(size + request)
+                    continue
+                writer.write(size + request)
+                await writer.drain()
+        if held:
+            await self._released.wait()
+            await asyncio.sleep(1.0)  # the broker answers; nobody listens
+        self._holding.pop(writer, None)
         writer.transport.abort()

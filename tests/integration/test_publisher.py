@@ -9,11 +9,18 @@ import time
 
 import pytest
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
 from streams.publisher import Expired, OutgoingRecord, Publisher
+from streams.transactions import TransactionalSender
 from tests.integration.harness import Deployment, wait_for
 from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration
+
+# The Kafka API key of the request that commits or aborts a transaction.
+_END_TXN = 26
 
 
 def records(tag: str, count: int) -> list[OutgoingRecord]:
@@ -87,4 +94,45 @@ async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_a
         assert written(deployment, "cut") == 0
     finally:
         await publisher.stop()
+        await relay.stop()
+
+
+async def test_a_commit_held_on_the_way_is_refused_once_a_successor_holds_the_id(
+    deployment: Deployment, stack,
+) -> None:
+    """A zombie's transaction, its records written and its commit sent but held by the
+    network until a successor took the transactional id, never becomes visible: the
+    successor's start aborted it, and the late commit is refused."""
+    relay_port, relayed_port = stack.kafka_relay_ports
+    relay = Relay(target_port=relayed_port, listen_port=relay_port)
+    await relay.start()
+    held_path = dataclasses.replace(deployment.connection,
+                                    bootstrap_servers=f"127.0.0.1:{relay_port}")
+    scope = f"{deployment.settings.group_id}.orders-test"
+    # The zombie is frozen in the middle of its commit: a bare producer whose commit waits.
+    zombie = AIOKafkaProducer(**held_path.client_options(), transactional_id=scope,
+                              enable_idempotence=True, acks="all")
+    successor = TransactionalSender(deployment.connection, scope, transaction_timeout=10)
+    topic = deployment.topics.orders
+    try:
+        await zombie.start()
+        await zombie.begin_transaction()
+        for record in records("zombie-late", 10):
+            await zombie.send(topic, key=record.key, value=record.value)
+        relay.hold_from(_END_TXN)
+        commit = asyncio.create_task(zombie.commit_transaction())
+        await wait_for(lambda: relay.held_requests >= 1, timeout=10, what="the held commit")
+
+        far = time.monotonic() + 60
+        await successor.send_all(topic, records("successor", 3), deadline=lambda: far)
+        relay.release()  # the zombie's commit reaches the broker now
+        with pytest.raises(KafkaError):
+            await asyncio.wait_for(commit, 30)
+        await wait_for(lambda: written(deployment, "successor") == 3, timeout=30,
+                       what="the successor's records")
+        await asyncio.sleep(2.0)
+        assert written(deployment, "zombie-late") == 0
+    finally:
+        await asyncio.wait_for(zombie.stop(), 10)
+        await successor.close()
         await relay.stop()
