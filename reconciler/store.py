@@ -12,10 +12,12 @@ change they report; `reconciler.outbox` sends them to Kafka and deletes them onc
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import asyncpg
@@ -170,6 +172,18 @@ class Lease:
 
 EventFactory = Callable[[int], dict]
 
+# Desired-state writes in one transaction at most.
+DESIRED_BATCH_LIMIT = 1000
+
+
+@dataclass(slots=True)
+class _PendingWrite:
+    record: Config | Tombstone
+    partition: int
+    offset: int
+    record_time: dt.datetime | None
+    outcome: asyncio.Future
+
 
 class Store:
     """Two connection pools: the runs' own writes (cursors, last pulls) go through
@@ -183,6 +197,9 @@ class Store:
         self._instance_id = instance_id
         self._boot_id = boot_id
         self._timeout = timeout
+        # Desired-state writes waiting for the writer task, in the order they were asked for.
+        self._pending_writes: deque[_PendingWrite] = deque()
+        self._writer: asyncio.Future | None = None
 
     @classmethod
     async def connect(
@@ -238,120 +255,78 @@ class Store:
         offset: int,
         record_time: dt.datetime | None,
     ) -> DesiredWrite:
-        """Store one accepted record as the config's desired state, by the version rules."""
+        """Store one accepted record as the config's desired state, by the version rules.
+
+        Returns once the outcome is committed. Calls made together (the configs stream
+        handles the records of different configs at once) are written together: one row
+        lock over all of them, one statement per kind of write, one commit, in the order
+        of the calls.
+        """
+        write = _PendingWrite(record, partition, offset, record_time,
+                              asyncio.get_running_loop().create_future())
+        self._pending_writes.append(write)
+        if self._writer is None:
+            # Runs after the calls already under way in this turn of the event loop.
+            self._writer = asyncio.ensure_future(self._write_pending())
+        return await write.outcome
+
+    async def _write_pending(self) -> None:
+        batch: list[_PendingWrite] = []
+        try:
+            while self._pending_writes:
+                batch = self._next_batch()
+                try:
+                    outcomes = await self._write_desired_batch(batch)
+                except Exception as error:
+                    for write in batch:
+                        if not write.outcome.done():
+                            write.outcome.set_exception(error)
+                    continue
+                for write, outcome in zip(batch, outcomes):
+                    if not write.outcome.done():
+                        write.outcome.set_result(outcome)
+        except BaseException:
+            # Cancelled with the event loop or the store: nobody may wait forever.
+            for write in [*batch, *self._pending_writes]:
+                write.outcome.cancel()
+            self._pending_writes.clear()
+            raise
+        finally:
+            self._writer = None
+
+    def _next_batch(self) -> list[_PendingWrite]:
+        """The oldest waiting writes, up to the first that names a config again (a batch
+        judges each config against its stored row once), callers that gave up left out."""
+        batch: list[_PendingWrite] = []
+        ids: set[str] = set()
+        while self._pending_writes and len(batch) < DESIRED_BATCH_LIMIT:
+            write = self._pending_writes[0]
+            if write.record.id in ids:
+                break
+            self._pending_writes.popleft()
+            if not write.outcome.done():
+                batch.append(write)
+                ids.add(write.record.id)
+        return batch
+
+    async def _write_desired_batch(self, batch: list[_PendingWrite]) -> list[DesiredWrite]:
+        if not batch:
+            return []
         async with self._pool.acquire(timeout=self._timeout) as conn:
             async with conn.transaction():
-                row = await conn.fetchrow(
-                    "SELECT config, config_version, deleted, enabled, source_partition,"
-                    " source_offset FROM pull_tasks WHERE config_id = $1 FOR UPDATE",
-                    record.id,
+                rows = await conn.fetch(
+                    "SELECT config_id, config, config_version, deleted, enabled,"
+                    " source_partition, source_offset FROM pull_tasks"
+                    " WHERE config_id = ANY($1::text[]) ORDER BY config_id FOR UPDATE",
+                    [write.record.id for write in batch],
                 )
-                if (
-                    row is not None
-                    and row["source_partition"] == partition
-                    and row["source_offset"] is not None
-                    and row["source_offset"] >= offset
-                ):
-                    return DesiredWrite(
-                        Judgement(Verdict.IGNORE, f"offset {offset} was already applied"), False
-                    )
-                stored = _stored_desired(row)
-                if isinstance(record, Tombstone):
-                    judgement = judge_tombstone(stored=stored)
-                else:
-                    judgement = judge_config(
-                        stored=stored, version=record.version, normalised=record.normalised()
-                    )
-                if judgement.verdict is not Verdict.APPLY:
-                    return DesiredWrite(judgement, False)
-
-                if isinstance(record, Tombstone):
-                    await self._write_tombstone(conn, record, partition, offset, record_time)
-                    return DesiredWrite(judgement, row is not None)
-                changed = await self._write_config(
-                    conn, row, record, partition, offset, record_time
-                )
-                return DesiredWrite(judgement, changed)
-
-    async def _write_config(
-        self,
-        conn: asyncpg.Connection,
-        row: asyncpg.Record | None,
-        config: Config,
-        partition: int,
-        offset: int,
-        record_time: dt.datetime | None,
-    ) -> bool:
-        previous = _config_of(row) if row is not None and not row["deleted"] else None
-        same_content = previous is not None and previous.normalised() == config.normalised()
-        same_source = previous is not None and _source_identity(previous) == _source_identity(
-            config
-        )
-        await conn.execute(
-            """
-            INSERT INTO pull_tasks (config_id, enabled, config, config_version, deleted,
-                                    source_partition, source_offset, record_time)
-            VALUES ($1, $2, $3::jsonb, $4, false, $5, $6, $7)
-            ON CONFLICT (config_id) DO UPDATE SET
-                enabled = excluded.enabled,
-                config = excluded.config,
-                config_version = excluded.config_version,
-                deleted = false,
-                source_partition = excluded.source_partition,
-                source_offset = excluded.source_offset,
-                record_time = excluded.record_time,
-                cursor = CASE WHEN $8 THEN pull_tasks.cursor END,
-                last_pull_at = CASE WHEN $8 THEN pull_tasks.last_pull_at END,
-                retry_at = CASE WHEN $9 THEN pull_tasks.retry_at END,
-                attempts = CASE WHEN $9 THEN pull_tasks.attempts ELSE 0 END,
-                state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
-                             THEN pull_tasks.state
-                             WHEN excluded.enabled AND pull_tasks.state = 'backoff' AND $9
-                             THEN 'backoff'
-                             ELSE 'stopped' END,
-                updated_at = now()
-            """,
-            config.id,
-            config.enabled,
-            json.dumps(config.to_json_dict()),
-            config.version,
-            partition,
-            offset,
-            record_time,
-            same_source,
-            same_content,
-        )
-        return not same_content
-
-    async def _write_tombstone(
-        self,
-        conn: asyncpg.Connection,
-        tombstone: Tombstone,
-        partition: int,
-        offset: int,
-        record_time: dt.datetime | None,
-    ) -> None:
-        # The version stays: a later record at or below it must not bring the config back.
-        await conn.execute(
-            """
-            INSERT INTO pull_tasks (config_id, enabled, deleted, state, source_partition,
-                                    source_offset, record_time)
-            VALUES ($1, false, true, 'deleted', $2, $3, $4)
-            ON CONFLICT (config_id) DO UPDATE SET
-                enabled = false, deleted = true, cursor = NULL, last_pull_at = NULL,
-                retry_at = NULL, attempts = 0,
-                state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
-                             THEN pull_tasks.state ELSE 'deleted' END,
-                source_partition = excluded.source_partition,
-                source_offset = excluded.source_offset,
-                record_time = excluded.record_time,
-                updated_at = now()
-            """,
-            tombstone.id,
-            partition,
-            offset,
-            record_time,
-        )
+                stored = {row["config_id"]: row for row in rows}
+                outcomes = []
+                changes = _DesiredChanges()
+                for write in batch:
+                    outcomes.append(_judge_desired(stored.get(write.record.id), write, changes))
+                await changes.write(conn)
+                return outcomes
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -718,6 +693,153 @@ class Store:
         return await self._pool.fetchval(
             "SELECT count(*) FROM lifecycle_outbox", timeout=self._timeout
         )
+
+
+def _judge_desired(
+    row: asyncpg.Record | None, write: _PendingWrite, changes: _DesiredChanges
+) -> DesiredWrite:
+    """Judge one record against the config's stored row (locked) and note its write."""
+    record, partition, offset = write.record, write.partition, write.offset
+    if (
+        row is not None
+        and row["source_partition"] == partition
+        and row["source_offset"] is not None
+        and row["source_offset"] >= offset
+    ):
+        return DesiredWrite(
+            Judgement(Verdict.IGNORE, f"offset {offset} was already applied"), False
+        )
+    stored = _stored_desired(row)
+    if isinstance(record, Tombstone):
+        judgement = judge_tombstone(stored=stored)
+    else:
+        judgement = judge_config(stored=stored, version=record.version,
+                                 normalised=record.normalised())
+    if judgement.verdict is not Verdict.APPLY:
+        return DesiredWrite(judgement, False)
+
+    if isinstance(record, Tombstone):
+        changes.tombstones.append(write)
+        return DesiredWrite(judgement, row is not None)
+    previous = _config_of(row) if row is not None and not row["deleted"] else None
+    same_content = previous is not None and previous.normalised() == record.normalised()
+    same_source = previous is not None and _source_identity(previous) == _source_identity(record)
+    changes.configs.append((write, row is not None, same_source, same_content))
+    return DesiredWrite(judgement, not same_content)
+
+
+@dataclass(slots=True)
+class _DesiredChanges:
+    """The applied records of one batch, written with one statement per kind."""
+
+    # (write, the row exists, same source as stored, same normalised content as stored)
+    configs: list[tuple[_PendingWrite, bool, bool, bool]] = field(default_factory=list)
+    tombstones: list[_PendingWrite] = field(default_factory=list)
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        updates = [change for change in self.configs if change[1]]
+        inserts = [change for change in self.configs if not change[1]]
+        if updates:
+            await conn.execute(_UPDATE_CONFIGS, *_config_columns(updates))
+        if inserts:
+            await conn.execute(_INSERT_CONFIGS, *_config_columns(inserts)[:7])
+        if self.tombstones:
+            await conn.execute(
+                _WRITE_TOMBSTONES,
+                [write.record.id for write in self.tombstones],
+                [write.partition for write in self.tombstones],
+                [write.offset for write in self.tombstones],
+                [write.record_time for write in self.tombstones],
+            )
+
+
+def _config_columns(changes: list[tuple[_PendingWrite, bool, bool, bool]]) -> list[list]:
+    configs = [write.record for write, *_ in changes]
+    return [
+        [config.id for config in configs],
+        [config.enabled for config in configs],
+        [json.dumps(config.to_json_dict()) for config in configs],
+        [config.version for config in configs],
+        [write.partition for write, *_ in changes],
+        [write.offset for write, *_ in changes],
+        [write.record_time for write, *_ in changes],
+        [same_source for _, _, same_source, _ in changes],
+        [same_content for *_, same_content in changes],
+    ]
+
+
+_DESIRED_COLUMNS = """
+    unnest($1::text[], $2::boolean[], $3::text[], $4::bigint[], $5::integer[], $6::bigint[],
+           $7::timestamptz[])
+    AS w(config_id, enabled, config, config_version, source_partition, source_offset,
+         record_time)
+"""
+
+# Rows that exist, locked by the batch: a change of source clears the cursor and the last
+# pull, a change of content resets the attempts and the backoff; a run keeps its state.
+_UPDATE_CONFIGS = """
+    UPDATE pull_tasks t SET
+        enabled = w.enabled,
+        config = w.config::jsonb,
+        config_version = w.config_version,
+        deleted = false,
+        source_partition = w.source_partition,
+        source_offset = w.source_offset,
+        record_time = w.record_time,
+        cursor = CASE WHEN w.same_source THEN t.cursor END,
+        last_pull_at = CASE WHEN w.same_source THEN t.last_pull_at END,
+        retry_at = CASE WHEN w.same_content THEN t.retry_at END,
+        attempts = CASE WHEN w.same_content THEN t.attempts ELSE 0 END,
+        state = CASE WHEN t.state IN ('starting', 'running', 'stopping') THEN t.state
+                     WHEN w.enabled AND t.state = 'backoff' AND w.same_content THEN 'backoff'
+                     ELSE 'stopped' END,
+        updated_at = now()
+    FROM unnest($1::text[], $2::boolean[], $3::text[], $4::bigint[], $5::integer[],
+                $6::bigint[], $7::timestamptz[], $8::boolean[], $9::boolean[])
+        AS w(config_id, enabled, config, config_version, source_partition, source_offset,
+             record_time, same_source, same_content)
+    WHERE t.config_id = w.config_id
+"""
+
+# New configs; one that another instance inserted meanwhile is treated as new content.
+_INSERT_CONFIGS = """
+    INSERT INTO pull_tasks (config_id, enabled, config, config_version, deleted,
+                            source_partition, source_offset, record_time)
+    SELECT w.config_id, w.enabled, w.config::jsonb, w.config_version, false,
+           w.source_partition, w.source_offset, w.record_time
+    FROM """ + _DESIRED_COLUMNS + """
+    ON CONFLICT (config_id) DO UPDATE SET
+        enabled = excluded.enabled,
+        config = excluded.config,
+        config_version = excluded.config_version,
+        deleted = false,
+        source_partition = excluded.source_partition,
+        source_offset = excluded.source_offset,
+        record_time = excluded.record_time,
+        cursor = NULL, last_pull_at = NULL, retry_at = NULL, attempts = 0,
+        state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
+                     THEN pull_tasks.state ELSE 'stopped' END,
+        updated_at = now()
+"""
+
+# The version stays: a later record at or below it must not bring the config back.
+_WRITE_TOMBSTONES = """
+    INSERT INTO pull_tasks (config_id, enabled, deleted, state, source_partition,
+                            source_offset, record_time)
+    SELECT w.config_id, false, true, 'deleted', w.source_partition, w.source_offset,
+           w.record_time
+    FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::timestamptz[])
+        AS w(config_id, source_partition, source_offset, record_time)
+    ON CONFLICT (config_id) DO UPDATE SET
+        enabled = false, deleted = true, cursor = NULL, last_pull_at = NULL,
+        retry_at = NULL, attempts = 0,
+        state = CASE WHEN pull_tasks.state IN ('starting', 'running', 'stopping')
+                     THEN pull_tasks.state ELSE 'deleted' END,
+        source_partition = excluded.source_partition,
+        source_offset = excluded.source_offset,
+        record_time = excluded.record_time,
+        updated_at = now()
+"""
 
 
 # The desired state still names the source a run pulls from ($7 url, $8 channel, $9 product).

@@ -1,10 +1,14 @@
 """The configs stream: a faust-streaming app whose one agent consumes `<p>.configs`.
 
-The agent hands every record, valid or not, to the handler it was built with and takes the
-next record only when the handler has returned. faust acknowledges a record when the agent
-moves past it and commits acknowledged offsets itself (never aiokafka's timer-based
-auto-commit), so an offset is committed only after the handler made the record's effect
-durable. A handler that cannot store a record keeps retrying; it never returns early.
+The agent hands every record, valid or not, to the handler it was built with, in batches:
+whatever has arrived while the previous batch was handled, up to `BATCH_RECORDS`. Within a
+batch the records of different configs are handled at once (so the handler's database
+writes can share one transaction) and the records of one config one after the other, in
+partition order. The agent acknowledges a batch's records only when the handler has
+returned for every one of them, and faust commits acknowledged offsets itself (never
+aiokafka's timer-based auto-commit), so an offset is committed only after the handler made
+the record's effect durable. A handler that cannot store a record keeps retrying; it never
+returns early. A batch cut short (the agent stopped, a handler crashed) is not acknowledged.
 
 Rebalance hooks report the partitions this instance now owns. aiokafka and faust rebalance
 eagerly (every partition is revoked at each join or leave), so the hooks only report; what
@@ -16,6 +20,7 @@ the instance owns the process, its signals and its shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import tempfile
@@ -30,6 +35,9 @@ from streams.connection import KafkaConnection
 from streams.topics import replication_factor
 
 log = logging.getLogger(__name__)
+
+# Records handled, and acknowledged, together at most.
+BATCH_RECORDS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,23 +116,55 @@ class ConfigStream:
         self._datadir.cleanup()
 
     async def _agent(self, stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            message = event.message
-            timestamp = (
-                dt.datetime.fromtimestamp(message.timestamp, tz=dt.timezone.utc)
-                if message.timestamp
-                else None
-            )
-            await self._handle_record(
-                ConfigRecord(
-                    key=message.key,
-                    value=message.value,
-                    partition=message.partition,
-                    offset=message.offset,
-                    timestamp=timestamp,
-                    headers=_headers(message.headers),
-                )
-            )
+        """Read records into a queue that `_handle_batches` empties a batch at a time.
+
+        Acknowledging is manual: faust's own acknowledgement, when the agent moves past a
+        record, would come before the record's batch is handled.
+        """
+        stream = stream.noack()
+        arrived: asyncio.Queue = asyncio.Queue(maxsize=BATCH_RECORDS)
+        handling = asyncio.create_task(self._handle_batches(stream, arrived),
+                                       name="configs-batches")
+        try:
+            async for event in stream.events():
+                if handling.done():
+                    handling.result()  # raises what the handling crashed with
+                if arrived.full():
+                    await _put_unless_crashed(arrived, event, handling)
+                else:
+                    arrived.put_nowait(event)
+        finally:
+            handling.cancel()
+
+    async def _handle_batches(self, stream: faust.StreamT, arrived: asyncio.Queue) -> None:
+        while True:
+            batch = [await arrived.get()]
+            while len(batch) < BATCH_RECORDS and not arrived.empty():
+                batch.append(arrived.get_nowait())
+            await self._handle_batch([_config_record(event.message) for event in batch])
+            for event in batch:
+                await stream.ack(event)
+
+    async def _handle_batch(self, records: list[ConfigRecord]) -> None:
+        """Records of different configs at once; a config's second record waits for the
+        first, and so for everything after it in the batch."""
+        together: list[ConfigRecord] = []
+        keys: set[bytes | None] = set()
+        for record in records:
+            if record.key in keys:
+                await self._handle_together(together)
+                together, keys = [], set()
+            together.append(record)
+            keys.add(record.key)
+        await self._handle_together(together)
+
+    async def _handle_together(self, records: list[ConfigRecord]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._handle_record(record) for record in records), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _assigned(self, app: faust.App, assigned: set, **_: object) -> None:
         partitions = {tp.partition for tp in assigned if tp.topic == self._topic_name}
@@ -150,6 +190,36 @@ class ConfigStream:
             pass
         finally:
             await admin.close()
+
+
+async def _put_unless_crashed(queue: asyncio.Queue, event: object, handling: asyncio.Task) -> None:
+    """Queue the event once there is room; raise what the task that empties the queue
+    crashed with if it ends first."""
+    put = asyncio.ensure_future(queue.put(event))
+    try:
+        await asyncio.wait({put, handling}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        put.cancel()
+        raise
+    if not put.done():
+        put.cancel()
+        handling.result()
+
+
+def _config_record(message: object) -> ConfigRecord:
+    timestamp = (
+        dt.datetime.fromtimestamp(message.timestamp, tz=dt.timezone.utc)
+        if message.timestamp
+        else None
+    )
+    return ConfigRecord(
+        key=message.key,
+        value=message.value,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp=timestamp,
+        headers=_headers(message.headers),
+    )
 
 
 def _headers(raw: object) -> list[tuple[str, bytes]]:
