@@ -581,7 +581,7 @@ class Instance:
                 await self.store.mark_stopping(config_id, run_id=run.run_id, fence=run.fence)
 
     async def _finish_run(self, run: Run) -> None:
-        """Record the end of a local run whose task has ended, then release its lease."""
+        """Record the end of a local run whose task has ended, releasing its lease."""
         assert self.store is not None and self.supervisor is not None and self.relay is not None
         config_id = run.config.id
         outcome = self.supervisor.outcome_of(run)
@@ -645,10 +645,8 @@ class Instance:
         elif outcome.ending is Ending.FAILED:
             self.metrics.runs_ended.add(1, {"type": "failed", "reason": "none"})
         if outcome.ending is not Ending.FENCED:
-            # The end event is already in the outbox, ahead of any successor's `started`:
-            # the relay sends in outbox order, so the lease can go at once.
+            # The lease went with the end, in its transaction (see `Store.end_run`).
             self.relay.wake()
-            await self.store.release_lease(config_id, run_id=run.run_id, fence=run.fence)
         if retry_in is not None:
             self.queue.add_after(config_id, retry_in)
 

@@ -505,50 +505,72 @@ class Store:
         error: str | None = None,
         retry_in: Callable[[int], float] | None = None,
     ) -> bool:
-        """Record the end of one of our runs, once; False if it was already ended.
+        """Record the end of one of our runs, once, and give up its lease; False if the run
+        was already ended.
 
         For a failed run, `retry_in(attempt)` gives the backoff delay; the attempt count
-        is the row's, raised by one. `end_event(attempt)` builds the end event.
+        is the row's, raised by one. `end_event(attempt)` builds the end event. The end,
+        its event and the release commit together: the event is in the outbox ahead of any
+        successor's `started`, and the relay sends in outbox order.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn:
             async with conn.transaction():
-                row = await conn.fetchrow(
-                    "SELECT attempts FROM pull_tasks WHERE config_id = $1 AND run_id = $2"
-                    " AND fence = $3 AND state IN ('starting', 'running', 'stopping')"
-                    " FOR UPDATE",
-                    config_id,
-                    run_id,
-                    fence,
+                ended = await self._record_end(
+                    conn, config_id, run_id=run_id, fence=fence, state=state,
+                    end_event=end_event, error=error, retry_in=retry_in,
                 )
-                if row is None:
-                    return False
-                attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
-                delay = retry_in(attempt) if retry_in is not None else None
-                if state == "backoff":
-                    # A failed run of a config that was disabled or deleted meanwhile is not
-                    # retried: its row says `failed`.
-                    state = await conn.fetchval(
-                        "SELECT CASE WHEN enabled AND NOT deleted THEN 'backoff' ELSE 'failed'"
-                        " END FROM pull_tasks WHERE config_id = $1",
-                        config_id,
-                    )
-                await conn.execute(
-                    """
-                    UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,
-                        attempts = $4,
-                        retry_at = CASE WHEN $5::float8 IS NULL THEN NULL
-                                        ELSE now() + make_interval(secs => $5) END,
-                        updated_at = now()
-                    WHERE config_id = $1
-                    """,
-                    config_id,
-                    state,
-                    error,
-                    attempt,
-                    delay,
-                )
-                await self._insert_event(conn, config_id, end_event(attempt))
-                return True
+                await self._release(conn, config_id, run_id=run_id, fence=fence)
+                return ended
+
+    async def _record_end(
+        self,
+        conn: asyncpg.Connection,
+        config_id: str,
+        *,
+        run_id: str,
+        fence: int,
+        state: str,
+        end_event: Callable[[int], dict],
+        error: str | None,
+        retry_in: Callable[[int], float] | None,
+    ) -> bool:
+        row = await conn.fetchrow(
+            "SELECT attempts FROM pull_tasks WHERE config_id = $1 AND run_id = $2"
+            " AND fence = $3 AND state IN ('starting', 'running', 'stopping')"
+            " FOR UPDATE",
+            config_id,
+            run_id,
+            fence,
+        )
+        if row is None:
+            return False
+        attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
+        delay = retry_in(attempt) if retry_in is not None else None
+        if state == "backoff":
+            # A failed run of a config that was disabled or deleted meanwhile is not
+            # retried: its row says `failed`.
+            state = await conn.fetchval(
+                "SELECT CASE WHEN enabled AND NOT deleted THEN 'backoff' ELSE 'failed'"
+                " END FROM pull_tasks WHERE config_id = $1",
+                config_id,
+            )
+        await conn.execute(
+            """
+            UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,
+                attempts = $4,
+                retry_at = CASE WHEN $5::float8 IS NULL THEN NULL
+                                ELSE now() + make_interval(secs => $5) END,
+                updated_at = now()
+            WHERE config_id = $1
+            """,
+            config_id,
+            state,
+            error,
+            attempt,
+            delay,
+        )
+        await self._insert_event(conn, config_id, end_event(attempt))
+        return True
 
     async def end_expired_run(
         self, config_id: str, *, end_event: Callable[[str, str | None, int, int | None], dict]
@@ -589,26 +611,33 @@ class Store:
     async def release_lease(self, config_id: str, *, run_id: str, fence: int) -> None:
         """Give up an ended run's lease and wake whoever waits for it."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
-                released = await conn.fetchval(
-                    """
-                    UPDATE pull_tasks SET owner = NULL, owner_boot = NULL,
-                        lease_expires_at = NULL,
-                        state = CASE WHEN deleted THEN 'deleted' ELSE state END,
-                        updated_at = now()
-                    WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $4
-                      AND owner_boot = $5
-                      AND state NOT IN ('starting', 'running', 'stopping')
-                    RETURNING true
-                    """,
-                    config_id,
-                    run_id,
-                    fence,
-                    self._instance_id,
-                    self._boot_id,
-                )
-                if released:
-                    await conn.execute("SELECT pg_notify($1, $2)", LEASE_CHANNEL, config_id)
+            await self._release(conn, config_id, run_id=run_id, fence=fence)
+
+    async def _release(
+        self, conn: asyncpg.Connection, config_id: str, *, run_id: str, fence: int
+    ) -> None:
+        # The notification goes out when the transaction commits, if the lease was ours.
+        await conn.execute(
+            """
+            WITH released AS (
+                UPDATE pull_tasks SET owner = NULL, owner_boot = NULL,
+                    lease_expires_at = NULL,
+                    state = CASE WHEN deleted THEN 'deleted' ELSE state END,
+                    updated_at = now()
+                WHERE config_id = $1 AND run_id = $2 AND fence = $3 AND owner = $4
+                  AND owner_boot = $5
+                  AND state NOT IN ('starting', 'running', 'stopping')
+                RETURNING config_id
+            )
+            SELECT pg_notify($6, config_id) FROM released
+            """,
+            config_id,
+            run_id,
+            fence,
+            self._instance_id,
+            self._boot_id,
+            LEASE_CHANNEL,
+        )
 
     async def save_cursor(
         self, config_id: str, *, run_id: str, fence: int, source: Config, cursor: str

@@ -1,0 +1,56 @@
+"""Ending a run records its end and its event and releases its lease, once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from streams.configs import config_from_json_dict
+from reconciler.store import LEASE_CHANNEL, Store
+from tests.integration.harness import config_doc
+
+pytestmark = pytest.mark.integration
+
+
+async def test_ending_a_run_records_its_end_and_event_and_wakes_whoever_waits_for_the_lease(
+    database_url: str,
+) -> None:
+    store = await Store.connect(database_url, instance_id="a", boot_id=uuid.uuid4().hex,
+                                pool_size=2, timeout=10)
+    listener = await asyncpg.connect(database_url)
+    try:
+        await store.migrate()
+        config = config_from_json_dict(config_doc("c1", url="http://127.0.0.1:9/orders"),
+                                       expected_id="c1")
+        await store.write_desired(config, partition=0, offset=0, record_time=None)
+        lease = await store.take_lease("c1", run_id="run-1", lease_seconds=10,
+                                       started_event=lambda fence: {"type": "started"})
+        assert lease is not None
+        released = asyncio.Queue()
+        await listener.add_listener(LEASE_CHANNEL, lambda *args: released.put_nowait(args[3]))
+
+        ended = await store.end_run("c1", run_id="run-1", fence=lease.fence, state="stopped",
+                                    end_event=lambda attempt: {"type": "stopped"})
+
+        assert ended
+        assert await asyncio.wait_for(released.get(), 5) == "c1"
+        row = await store.pool.fetchrow(
+            "SELECT state, owner, owner_boot, lease_expires_at FROM pull_tasks"
+            " WHERE config_id = 'c1'")
+        assert dict(row) == {"state": "stopped", "owner": None, "owner_boot": None,
+                             "lease_expires_at": None}
+        events = await store.pool.fetch("SELECT event->>'type' AS type FROM lifecycle_outbox"
+                                        " ORDER BY id")
+        assert [e["type"] for e in events] == ["started", "stopped"]
+
+        # A second end of the same run records nothing and sends no event.
+        assert not await store.end_run("c1", run_id="run-1", fence=lease.fence,
+                                       state="stopped",
+                                       end_event=lambda attempt: {"type": "stopped"})
+        assert await store.pool.fetchval("SELECT count(*) FROM lifecycle_outbox") == 2
+    finally:
+        await listener.close()
+        await store.close()
