@@ -161,15 +161,24 @@ class TransactionalSender:
                     _settle(send, None)
                 return True
             await _within(until, producer.begin_transaction())
-            for send in sends:
-                for record in send.records:
-                    await producer.send(send.topic, value=record.value, key=record.key,
-                                        headers=record.headers or None)
+            written = [
+                await producer.send(send.topic, value=record.value, key=record.key,
+                                    headers=record.headers or None)
+                for send in sends for record in send.records
+            ]
+            for future in written:
+                future.add_done_callback(_retrieved)
+            # Every record's own outcome first: aiokafka would commit a transaction with a
+            # record the broker refused, without it.
+            await _within(until, asyncio.wait(written))
+            refused = next((f.exception() for f in written if f.exception() is not None), None)
             now = time.monotonic()
-            if any(send.expired(now) for send in sends):
+            if refused is not None or any(send.expired(now) for send in sends):
                 # Nothing of the transaction is visible yet: abort it, and let those with
                 # time left go again.
                 await _within(until, producer.abort_transaction())
+                if refused is not None:
+                    raise refused
                 self._retry(sends, Expired("the deadline passed before the transaction was "
                                            "committed"))
                 return True
@@ -296,6 +305,12 @@ async def _within(until: float, awaitable):
     return await asyncio.wait_for(awaitable, max(0.0, until - time.monotonic()))
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a record's outcome as seen, whether or not anyone still waits for it."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _settle(send: _Send, error: BaseException | None) -> None:
     if send.done.done():
         return
@@ -304,7 +319,7 @@ def _settle(send: _Send, error: BaseException | None) -> None:
     else:
         send.done.set_exception(error)
         # A caller that gave up waiting must not leave the error unretrieved.
-        send.done.add_done_callback(lambda f: f.exception())
+        send.done.add_done_callback(_retrieved)
 
 
 def _oversized(records: list[OutgoingRecord]) -> str | None:

@@ -1,9 +1,10 @@
 """A TCP relay on loopback that a test can cut: every byte between one client and a server
 goes through it, and `cut()` drops every connection and refuses new ones until `restore()`.
 
-`hold_from(api_key)` makes it a path that holds bytes instead: from the first Kafka request
-with that API key on, what the client sends is kept (even after the client hung up) until
-`release()` delivers it to the broker.
+With `kafka_requests=True` it reads what the client sends as Kafka requests, and
+`hold_from(api_key)` makes it a path that holds bytes: from the first request with that API
+key on, what the client sends is kept (even after the client hung up) until `release()`
+delivers it to the broker.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 
 
 class Relay:
-    def __init__(self, *, target_port: int, listen_port: int = 0) -> None:
+    def __init__(self, *, target_port: int, listen_port: int = 0,
+                 kafka_requests: bool = False) -> None:
         self.target_port = target_port
+        self.kafka_requests = kafka_requests
         self.listen_port = listen_port
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -25,6 +28,7 @@ class Relay:
         self._holding: dict[asyncio.StreamWriter, list[bytes]] = {}
 
     def hold_from(self, api_key: int) -> None:
+        assert self.kafka_requests, "holding needs a relay that reads Kafka requests"
         self._hold_api_key = api_key
         self._released.clear()
 
@@ -67,8 +71,8 @@ class Relay:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._upstream(reader, up_writer),
-                                 self._pipe(up_reader, writer))
+            upstream = self._requests if self.kafka_requests else self._pipe
+            await asyncio.gather(upstream(reader, up_writer), self._pipe(up_reader, writer))
         finally:
             for w in (writer, up_writer):
                 self._writers.discard(w)
@@ -84,7 +88,7 @@ class Relay:
                 await writer.drain()
         writer.transport.abort()
 
-    async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client to server, one Kafka request (4-byte size, then the request) at a time."""
         held: list[bytes] = []
         self._holding[writer] = held

@@ -104,7 +104,7 @@ async def test_a_commit_held_on_the_way_is_refused_once_a_successor_holds_the_id
     network until a successor took the transactional id, never becomes visible: the
     successor's start aborted it, and the late commit is refused."""
     relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port)
+    relay = Relay(target_port=relayed_port, listen_port=relay_port, kafka_requests=True)
     await relay.start()
     held_path = dataclasses.replace(deployment.connection,
                                     bootstrap_servers=f"127.0.0.1:{relay_port}")
