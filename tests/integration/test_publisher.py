@@ -1,5 +1,6 @@
-"""The producer's deadline: records whose send passed its deadline are never written after
-it, whether the broker was unreachable or the process stood still with them queued."""
+"""Transactional sends: records whose send passed its deadline never become visible,
+whether the broker was unreachable, the process stood still with them queued, or a zombie's
+commit arrived late."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streams.publisher import Expired, OutgoingRecord, Publisher
+from streams.publisher import Expired, OutgoingRecord
 from streams.transactions import TransactionalSender
 from tests.integration.harness import Deployment, wait_for
 from tests.integration.relay import Relay
@@ -35,29 +36,31 @@ def written(deployment: Deployment, tag: str) -> int:
 async def test_records_queued_while_the_process_stood_still_past_their_deadline_are_dropped(
     deployment: Deployment,
 ) -> None:
-    publisher = Publisher(deployment.connection)
-    await publisher.start()
+    sender = TransactionalSender(deployment.connection,
+                                 f"{deployment.settings.group_id}.orders-frozen",
+                                 transaction_timeout=10)
     try:
         topic = deployment.topics.orders
-        await publisher.send_all(topic, records("warm-up", 1))  # metadata is known
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("warm-up", 1), deadline=lambda: far)
 
         deadline = time.monotonic() + 0.3
         send = asyncio.create_task(
-            publisher.send_all(topic, records("frozen", 20), deadline=lambda: deadline)
+            sender.send_all(topic, records("frozen", 20), deadline=lambda: deadline)
         )
-        await asyncio.sleep(0)  # the records are queued in the producer, not yet written
+        await asyncio.sleep(0)  # the records are queued, not yet committed
         time.sleep(0.6)  # the whole process stands still past the deadline
         with pytest.raises(Expired):
             await send
 
-        # Another send that was caught in the refusal goes again on a new producer.
-        await publisher.send_all(topic, records("after", 5))
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("after", 5), deadline=lambda: far)
         await wait_for(lambda: written(deployment, "after") == 5, timeout=30,
                        what="the later records")
         await asyncio.sleep(1.0)
         assert written(deployment, "frozen") == 0
     finally:
-        await publisher.stop()
+        await sender.close()
 
 
 async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_arrive(
@@ -68,32 +71,36 @@ async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_a
     await relay.start()
     connection = dataclasses.replace(deployment.connection,
                                      bootstrap_servers=f"127.0.0.1:{relay_port}")
-    publisher = Publisher(connection)
+    sender = TransactionalSender(connection, f"{deployment.settings.group_id}.orders-cut",
+                                 transaction_timeout=10)
     try:
-        await publisher.start()
         topic = deployment.topics.orders
-        await publisher.send_all(topic, records("before", 3))
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("before", 3), deadline=lambda: far)
 
         relay.cut()
         deadline = time.monotonic() + 2.0
-        lenient = asyncio.create_task(publisher.send_all(topic, records("lenient", 4)))
+        lenient_until = time.monotonic() + 90
+        lenient = asyncio.create_task(
+            sender.send_all(topic, records("lenient", 4), deadline=lambda: lenient_until))
         with pytest.raises(Expired):
-            await publisher.send_all(topic, records("cut", 10), deadline=lambda: deadline)
+            await sender.send_all(topic, records("cut", 10), deadline=lambda: deadline)
         assert time.monotonic() - deadline < 1.0
 
         relay.restore()
-        # A send without a deadline caught in the refusal is sent again and arrives.
+        # A send whose deadline has not passed goes again once the broker is back.
         await asyncio.wait_for(lenient, 60)
-        await publisher.send_all(topic, records("restored", 2))
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("restored", 2), deadline=lambda: far)
         await wait_for(lambda: written(deployment, "restored") == 2, timeout=30,
                        what="records sent after the cut")
-        await wait_for(lambda: written(deployment, "lenient") >= 4, timeout=30,
-                       what="the send without a deadline")
+        await wait_for(lambda: written(deployment, "lenient") == 4, timeout=30,
+                       what="the send with time left")
         await asyncio.sleep(2.0)
         assert written(deployment, "before") == 3
         assert written(deployment, "cut") == 0
     finally:
-        await publisher.stop()
+        await sender.close()
         await relay.stop()
 
 
