@@ -11,8 +11,9 @@ The flow, in the order `start` sets it up:
    An applied record puts the config's id in the queue.
 4. A worker takes an id and reconciles it: read desired and actual state, `decide`, act.
    Waiting actions (a held lease, a backoff, a slow stop) schedule the id again.
-5. Beside them: lease renewal in one batched statement, a watchdog for lease deadlines, and
-   a periodic jittered resync that queues every owned config so drift heals by itself.
+5. Beside them: lease renewal in batched statements (2,000 runs each), a watchdog for
+   lease deadlines, and a periodic jittered resync that queues every owned config so drift
+   heals by itself.
 
 `stop` shuts down in the reverse order: leave the group, let the workers finish, stop
 every loop with reason `shutdown`, record their ends, send the outbox, release the leases.
