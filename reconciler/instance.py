@@ -44,7 +44,7 @@ from streams.topics import Topics, ensure_topics
 from streams.tracing import processing_span, producer_span
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
 from reconciler.http import HttpEndpoints
-from reconciler.loop import LoopServices, Run
+from reconciler.loop import LoopServices, Run, orders_scope_of
 from reconciler.metrics import Metrics, otlp_metric_reader
 from reconciler.outbox import IDLE_IN_BATCH_SECONDS, OutboxRelay
 from reconciler.settings import Settings
@@ -149,8 +149,12 @@ class Instance:
         await self.publisher.start()
         # Transactional ids shared by every instance of the deployment: the broker fences
         # whoever held one before (see `streams.transactions`).
-        self.orders = TransactionalSenders(connection, settings.group_id,
-                                           transaction_timeout=settings.lease_seconds)
+        # A scope is started again only for a partition this instance owns, so a run of a
+        # partition that moved away never takes the id back from the new owner.
+        self.orders = TransactionalSenders(
+            connection, settings.group_id, transaction_timeout=settings.lease_seconds,
+            may_hold=self._may_hold_orders_scope,
+        )
         self.events = TransactionalSender(connection, f"{settings.group_id}.task-events",
                                           transaction_timeout=IDLE_IN_BATCH_SECONDS)
         self.source = OrderSource.from_settings(settings)
@@ -785,6 +789,10 @@ class Instance:
                 for config_id in list(self.supervisor.runs):
                     self.supervisor.abandon(config_id, reason="reassigned")
                     self.queue.add(config_id)
+
+    def _may_hold_orders_scope(self, scope: str) -> bool:
+        owned = {orders_scope_of(partition) for partition in self.assigned}
+        return scope in owned or scope == orders_scope_of(None)
 
     def _broker_recently_reached(self) -> bool:
         return time.monotonic() - self._kafka_seen < BROKER_RECENTLY_SECONDS

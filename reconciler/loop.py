@@ -38,7 +38,7 @@ from opentelemetry.trace import Link
 
 from streams.configs import Config
 from streams.publisher import Expired, OutgoingRecord
-from streams.transactions import TransactionalSenders
+from streams.transactions import NotHeld, TransactionalSenders
 from streams.tracing import producer_span
 from reconciler.metrics import Metrics
 from reconciler.source import OrderSource, Page, PagingGuard, PullFailed, RunIdentity
@@ -125,7 +125,18 @@ def first_pull_jitter(interval: float) -> float:
 
 def orders_scope(run: Run) -> str:
     """The fencing scope of the run's orders: its config's partition of the configs topic."""
-    return f"orders-p{run.source_partition}"
+    return orders_scope_of(run.source_partition)
+
+
+def orders_scope_of(partition: int | None) -> str:
+    return f"orders-p{partition}"
+
+
+def _moved(run: Run) -> LeaseLost:
+    """The run's partition went to another instance, which now holds its orders' scope."""
+    if run.stop_reason is None:
+        run.stop_reason = "reassigned"
+    return LeaseLost(f"run {run.run_id}: its partition belongs to another instance now")
 
 
 async def pull_loop(run: Run, services: LoopServices) -> None:
@@ -164,6 +175,8 @@ async def _hold_orders_scope(run: Run, services: LoopServices) -> None:
     except Expired:
         raise LeaseLost(f"the lease of run {run.run_id} ended before it could hold its "
                         f"orders' transactional id") from None
+    except NotHeld:
+        raise _moved(run) from None
 
 
 async def pull(run: Run, services: LoopServices) -> None:
@@ -251,6 +264,8 @@ async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
     except Expired:
         raise LeaseLost(f"the lease of run {run.run_id} ended before Kafka acknowledged "
                         f"its orders; they are dropped") from None
+    except NotHeld:
+        raise _moved(run) from None
 
 
 async def _save_cursor(run: Run, services: LoopServices, cursor: str) -> None:

@@ -60,7 +60,8 @@ IDLE_IN_BATCH_SECONDS = 10.0
 # Records read back per partition when looking for events that may have been sent: every
 # record written after a doubtful attempt belongs to that attempt's batch or the one before.
 LOOKBACK = 4 * BATCH
-LOOKBACK_SECONDS = 15.0
+# Looking happens under the relay lock: well inside the session's idle limit.
+LOOKBACK_SECONDS = 5.0
 _RELAY_LOCK = 0x6F7574626F78
 
 
@@ -144,7 +145,6 @@ class OutboxRelay:
         """Send one batch if no other relay is sending; True when more may be waiting."""
         if not self._may_send():
             return False
-        await self._settle_doubtful()
         async with self._store.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute(
@@ -157,6 +157,9 @@ class OutboxRelay:
                     self._wakeup.set()
                     await asyncio.sleep(0.05)
                     return False
+                # Under the lock: holding the events' transactional id anew fences the
+                # relay that sends, so only the relay whose turn it is may do it.
+                await self._settle_doubtful()
                 deadline = time.monotonic() + BATCH_SECONDS
                 rows = await conn.fetch(
                     "SELECT id, config_id, event, attempt FROM lifecycle_outbox "

@@ -14,7 +14,9 @@ go together in the next one, so a scope with many runs pays one commit per round
 send. The producer is started lazily, only for a send whose deadline has not passed, and
 started again after it was fenced: the scope's legitimate holder takes it back, while a
 process whose deadline passed (the zombie) never starts one and finds its old producer
-fenced. A transaction whose commit is not acknowledged by the earliest deadline among its
+fenced. A scope can also be given up (`may_start` says no, for example for a partition
+this instance no longer owns): its sends then fail with `NotHeld` rather than take the id
+back from its new holder. A transaction whose commit is not acknowledged by the earliest deadline among its
 sends is abandoned with its producer; the next producer's start aborts it, if the broker
 had not committed it meanwhile.
 """
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -52,6 +55,10 @@ _MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _RECORD_OVERHEAD = 128
 
 
+class NotHeld(Exception):
+    """This process may no longer hold the scope, and its producer was fenced or is gone."""
+
+
 @dataclass(eq=False)
 class _Send:
     topic: str
@@ -65,8 +72,10 @@ class _Send:
 
 class TransactionalSender:
     def __init__(self, connection: KafkaConnection, transactional_id: str, *,
-                 transaction_timeout: float, request_timeout: float = 30.0) -> None:
+                 transaction_timeout: float, request_timeout: float = 30.0,
+                 may_start: Callable[[], bool] = lambda: True) -> None:
         self._connection = connection
+        self._may_start = may_start
         self.transactional_id = transactional_id
         self._transaction_timeout = transaction_timeout
         self._request_timeout = request_timeout
@@ -193,7 +202,7 @@ class TransactionalSender:
                 for send in sends:
                     await self._transact([send])
             return True
-        except _FINAL as error:
+        except (NotHeld, *_FINAL) as error:
             self._drop_producer()
             for send in sends:
                 _settle(send, error)
@@ -229,6 +238,8 @@ class TransactionalSender:
         transactional id) only for sends whose deadline has not passed."""
         if self._producer is not None:
             return self._producer
+        if not self._may_start():
+            raise NotHeld(f"{self.transactional_id} is no longer this instance's to hold")
         producer = AIOKafkaProducer(
             **self._connection.client_options(),
             transactional_id=self.transactional_id,
@@ -266,9 +277,11 @@ class TransactionalSenders:
     transactional id, the same in every process of the deployment."""
 
     def __init__(self, connection: KafkaConnection, base_id: str, *,
-                 transaction_timeout: float) -> None:
+                 transaction_timeout: float,
+                 may_hold: Callable[[str], bool] = lambda scope: True) -> None:
         self._connection = connection
         self._base_id = base_id
+        self._may_hold = may_hold
         self._transaction_timeout = transaction_timeout
         self._senders: dict[str, TransactionalSender] = {}
 
@@ -278,6 +291,7 @@ class TransactionalSenders:
             sender = self._senders[scope] = TransactionalSender(
                 self._connection, f"{self._base_id}.{scope}",
                 transaction_timeout=self._transaction_timeout,
+                may_start=lambda: self._may_hold(scope),
             )
         return sender
 
@@ -298,6 +312,11 @@ class TransactionalSenders:
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.stop(), 5)
+    # A fenced producer's sender task ends with `ProducerFenced`, which aiokafka leaves
+    # for asyncio to report as never retrieved; this sender already acted on it.
+    sender_task = getattr(getattr(producer, "_sender", None), "_sender_task", None)
+    if sender_task is not None and sender_task.done():
+        _retrieved(sender_task)
 
 
 async def _within(until: float, awaitable):
