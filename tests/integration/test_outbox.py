@@ -162,3 +162,38 @@ async def test_a_relay_stuck_past_its_session_sends_nothing_its_successor_sent(
     finally:
         await stuck_store.close()
         await store.close()
+
+
+async def test_a_relay_waiting_for_the_lock_leaves_the_sending_relay_unfenced(
+    deployment: Deployment,
+) -> None:
+    """While one relay sends a batch, another that finds the batch's rows attempted does
+    not take the events' transactional id (which would fence the sender mid-transaction,
+    and let its late commit and a resend both land); it waits for the lock."""
+    store = await open_store(deployment)
+    try:
+        ids = await insert_events(store, 20)
+        sending = relay_for(deployment, store)
+        waiting = relay_for(deployment, store)
+        send_all = sending._sender.send_all
+        in_flight = asyncio.Event()
+
+        async def slow_send_all(topic, records, **options):
+            in_flight.set()
+            await asyncio.sleep(1.5)
+            await send_all(topic, records, **options)
+
+        sending._sender.send_all = slow_send_all
+        batch = asyncio.create_task(sending._send_batch())
+        await asyncio.wait_for(in_flight.wait(), 10)
+        assert not await waiting._send_batch()  # the lock is taken
+        assert waiting._sender.starts == 0
+        await asyncio.wait_for(batch, 30)
+
+        await drain(waiting, store)
+        await wait_for(lambda: len(deployment.events) >= 20, timeout=30, what="the events")
+        await asyncio.sleep(1.0)
+        counts = collections.Counter(e["id"] for e in deployment.events)
+        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+    finally:
+        await store.close()
