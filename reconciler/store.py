@@ -377,34 +377,43 @@ class Store:
         asks for a run. The `started` event is built from the new fencing number and
         written in the same transaction.
         """
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    """
-                    UPDATE pull_tasks SET
-                        state = 'running', run_id = $2, fence = fence + 1,
-                        owner = $3, owner_boot = $4,
-                        lease_expires_at = now() + make_interval(secs => $5),
-                        started_at = now(), stopped_at = NULL, retry_at = NULL,
-                        updated_at = now()
-                    WHERE config_id = $1 AND enabled AND NOT deleted
-                      AND state NOT IN ('starting', 'running', 'stopping')
-                      AND (owner IS NULL OR lease_expires_at <= now()
-                           OR (owner = $3 AND owner_boot = $4))
-                      AND (claimed_by IS NULL OR claimed_by = $3)
-                    RETURNING fence, config, cursor,
-                        EXTRACT(EPOCH FROM (now() - last_pull_at)) AS since_last_pull
-                    """,
-                    config_id,
-                    run_id,
-                    self._instance_id,
-                    self._boot_id,
-                    lease_seconds,
-                )
-                if row is None:
-                    return None
-                config = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
-                await self._insert_event(conn, config_id, started_event(row["fence"]))
+        # One statement, so one round trip and one commit: the lease and its `started`
+        # event (whose fencing number the statement fills in) are written together.
+        event = started_event(0)
+        row = await self._pool.fetchrow(
+            """
+            WITH taken AS (
+                UPDATE pull_tasks SET
+                    state = 'running', run_id = $2, fence = fence + 1,
+                    owner = $3, owner_boot = $4,
+                    lease_expires_at = now() + make_interval(secs => $5),
+                    started_at = now(), stopped_at = NULL, retry_at = NULL,
+                    updated_at = now()
+                WHERE config_id = $1 AND enabled AND NOT deleted
+                  AND state NOT IN ('starting', 'running', 'stopping')
+                  AND (owner IS NULL OR lease_expires_at <= now()
+                       OR (owner = $3 AND owner_boot = $4))
+                  AND (claimed_by IS NULL OR claimed_by = $3)
+                RETURNING config_id, fence, config, cursor,
+                    EXTRACT(EPOCH FROM (now() - last_pull_at)) AS since_last_pull
+            ), started AS (
+                INSERT INTO lifecycle_outbox (config_id, event)
+                SELECT config_id, jsonb_set($6::jsonb, '{data,fence}', to_jsonb(fence))
+                FROM taken
+            )
+            SELECT fence, config, cursor, since_last_pull FROM taken
+            """,
+            config_id,
+            run_id,
+            self._instance_id,
+            self._boot_id,
+            lease_seconds,
+            json.dumps(event),
+            timeout=self._timeout,
+        )
+        if row is None:
+            return None
+        config = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
         since = row["since_last_pull"]
         wait = 0.0 if since is None else max(0.0, config.interval_seconds - float(since))
         return Lease(
