@@ -229,10 +229,13 @@ class Instance:
                 worker.cancel()
         if self.supervisor is not None:
             await self.supervisor.cancel_all(reason="shutdown")
-            for config_id in list(self.supervisor.runs):
-                run = self.supervisor.runs[config_id]
-                if run.task.done():
-                    await _bounded(self._finish_run(run), 10.0, f"recording the end of {config_id}")
+            # All ends at once, under one bound: with the database unreachable, one bound per
+            # run would hold the shutdown for minutes. An end not recorded here is recorded
+            # by the next owner (`lease-expired`).
+            ended = [run for run in self.supervisor.runs.values() if run.task.done()]
+            if ended:
+                await _bounded(self._finish_runs(ended), 10.0,
+                               f"recording the ends of {len(ended)} runs")
         if self.relay is not None and self.store is not None:
             await self.relay.wait_until_sent(timeout=5.0)
         if self.store is not None:
@@ -584,6 +587,13 @@ class Instance:
                 await self._finish_run(run)
             else:
                 await self.store.mark_stopping(config_id, run_id=run.run_id, fence=run.fence)
+
+    async def _finish_runs(self, runs: list[Run]) -> None:
+        results = await asyncio.gather(*(self._finish_run(run) for run in runs),
+                                       return_exceptions=True)
+        failed = [error for error in results if isinstance(error, Exception)]
+        if failed:
+            raise failed[0]
 
     async def _finish_run(self, run: Run) -> None:
         """Record the end of a local run whose task has ended, releasing its lease."""

@@ -544,8 +544,8 @@ class Store:
         retry_in: Callable[[int], float] | None,
     ) -> bool:
         row = await conn.fetchrow(
-            "SELECT attempts FROM pull_tasks WHERE config_id = $1 AND run_id = $2"
-            " AND fence = $3 AND state IN ('starting', 'running', 'stopping')"
+            "SELECT attempts, enabled, deleted FROM pull_tasks WHERE config_id = $1"
+            " AND run_id = $2 AND fence = $3 AND state IN ('starting', 'running', 'stopping')"
             " FOR UPDATE",
             config_id,
             run_id,
@@ -555,14 +555,14 @@ class Store:
             return False
         attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
         delay = retry_in(attempt) if retry_in is not None else None
+        # The row's desired state now, not the one that made the run stop, says what the
+        # config is: a tombstone followed by a new record leaves it `stopped`, not `deleted`.
         if state == "backoff":
             # A failed run of a config that was disabled or deleted meanwhile is not
             # retried: its row says `failed`.
-            state = await conn.fetchval(
-                "SELECT CASE WHEN enabled AND NOT deleted THEN 'backoff' ELSE 'failed'"
-                " END FROM pull_tasks WHERE config_id = $1",
-                config_id,
-            )
+            state = "backoff" if row["enabled"] and not row["deleted"] else "failed"
+        else:
+            state = "deleted" if row["deleted"] else "stopped"
         await conn.execute(
             """
             UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,

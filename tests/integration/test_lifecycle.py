@@ -228,6 +228,29 @@ async def test_tombstone_stops_the_run_with_reason_deleted_and_the_row_says_dele
     assert row["deleted"] is True and row["cursor"] is None
 
 
+async def test_a_tombstone_at_once_followed_by_a_disabled_record_leaves_the_configs_stopped(
+    deployment: Deployment,
+) -> None:
+    """The run stops because of the tombstone, but what its end records is the row's
+    desired state by then: the configs exist again, disabled, so their rows say `stopped`."""
+    await deployment.start_instance()
+    ids = [f"c{n}" for n in range(20)]
+    for config_id in ids:
+        await deployment.put(config_id, interval=5.0)
+    await wait_for(lambda: all(deployment.events_of(i, "started") for i in ids), timeout=30,
+                   what="every config started")
+
+    for config_id in ids:
+        await deployment.delete(config_id)
+        await deployment.put(config_id, interval=5.0, enabled=False)
+
+    async def all_ended() -> list:
+        rows = [await deployment.row(i) for i in ids]
+        return rows if all(r["owner"] is None and r["state"] != "running" for r in rows) else []
+    rows = await wait_for(all_ended, timeout=20, what="every run ended")
+    assert {(r["state"], r["deleted"], r["enabled"]) for r in rows} == {("stopped", False, False)}
+
+
 async def test_failing_source_reports_growing_delays_then_recovers_and_resets_them(
     deployment: Deployment,
 ) -> None:
