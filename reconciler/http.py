@@ -55,7 +55,9 @@ class HttpEndpoints:
     async def _readyz(self, _request: web.Request) -> web.Response:
         if not self._joined():
             return web.Response(
-                status=503, text="not ready: not a member of the group, or the broker is away\n"
+                status=503,
+                text="not ready: not a member of the group, the broker is away, or the configs "
+                     "stream stopped reading\n",
             )
         try:
             reachable = await asyncio.wait_for(self._database_answers(), 1.0)

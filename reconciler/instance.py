@@ -128,6 +128,7 @@ class Instance:
         self._background: list[asyncio.Task] = []
         self._workers: list[asyncio.Task] = []
         self._stopping = False
+        self._crash_reported = False
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class Instance:
             self.http = HttpEndpoints(
                 port=settings.http_port,
                 host=settings.http_host,
-                joined=lambda: self.joined.is_set() and not self.kafka_cut_off,
+                joined=self._consuming,
                 database_answers=self._database_answers,
                 metrics_text=self.metrics.prometheus_text,
             )
@@ -799,6 +800,18 @@ class Instance:
                 for config_id in list(self.supervisor.runs):
                     self.supervisor.abandon(config_id, reason="reassigned")
                     self.queue.add(config_id)
+
+    def _consuming(self) -> bool:
+        """A member of the group, reaching the broker, and still reading configs."""
+        if self.stream is not None and self.stream.crash is not None:
+            if not self._crash_reported:
+                self._crash_reported = True
+                log.error("the configs stream stopped reading (%s); no config change is "
+                          "applied until the record is removed and the instance restarted",
+                          " ".join(str(self.stream.crash).split())
+                          or type(self.stream.crash).__name__)
+            return False
+        return self.joined.is_set() and not self.kafka_cut_off
 
     def _may_hold_orders_scope(self, scope: str) -> bool:
         owned = {orders_scope_of(partition) for partition in self.assigned}

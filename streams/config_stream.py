@@ -109,6 +109,15 @@ class ConfigStream:
         await self.app.start()
         self._started = True
 
+    @property
+    def crash(self) -> BaseException | None:
+        """Why the stream stopped consuming, if it did: faust's fetcher crashes on a record
+        aiokafka cannot decode (a header name that is not UTF-8), and reads nothing more."""
+        for service in (self.app._fetcher, self.app):
+            if service.crash_reason is not None:
+                return service.crash_reason
+        return None
+
     async def stop(self) -> None:
         if self._started:
             await self.app.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import sys
 
 import aiohttp
 import pytest
@@ -103,3 +104,45 @@ async def get_status(port: int, path: str, expected: int) -> bool:
         return (await get(port, path))[0] == expected
     except aiohttp.ClientError:
         return False
+
+
+# A hand-made producer: aiokafka's pure-Python record builder, given a header name whose
+# encoding is not UTF-8 (no Kafka client writes one; a crafted request can).
+_POISON = """
+import os, sys, asyncio
+os.environ["AIOKAFKA_NO_EXTENSIONS"] = "1"
+from aiokafka import AIOKafkaProducer
+
+class NotUtf8(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfename"
+
+async def main(servers, topic):
+    producer = AIOKafkaProducer(bootstrap_servers=servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, key=b"poison", value=b"{}",
+                                     headers=[(NotUtf8("x"), b"v")])
+    finally:
+        await producer.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_readyz_says_not_ready_once_a_record_stops_the_configs_stream(
+    deployment: Deployment,
+) -> None:
+    port = free_port()
+    await deployment.start_instance(http_port=port, http_host="127.0.0.1")
+    await wait_for(lambda: get_status(port, "/readyz", 200), timeout=20, what="ready")
+
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _POISON, deployment.settings.kafka_bootstrap_servers,
+        deployment.topics.configs,
+    )
+    assert await asyncio.wait_for(writer.wait(), 60) == 0
+
+    await wait_for(lambda: get_status(port, "/readyz", 503), timeout=30, what="not ready")
+    status, text = await get(port, "/readyz")
+    assert "configs stream stopped reading" in text
