@@ -85,6 +85,8 @@ class Run:
     busy_since_progress: float | None = None
     # Set by the watchdog when it ends a hung run: the `error` of its `failed` event.
     hang: str | None = None
+    # Told when a pull step begins or ends: the watchdog files busy runs by it.
+    on_progress: Callable[["Run"], None] | None = None
 
     @property
     def identity(self) -> RunIdentity:
@@ -106,6 +108,8 @@ class Run:
     def progressed(self) -> None:
         """A step of the pull under way finished: the watchdog's clock starts again."""
         self.busy_since_progress = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +127,8 @@ def first_pull_jitter(interval: float) -> float:
     return random.uniform(0.0, min(0.1 * interval, 5.0))
 
 
-def orders_scope(run: Run) -> str:
-    """The fencing scope of the run's orders: its config's partition of the configs topic."""
-    return orders_scope_of(run.source_partition)
-
-
 def orders_scope_of(partition: int | None) -> str:
+    """The fencing scope of a run's orders: its config's partition of the configs topic."""
     return f"orders-p{partition}"
 
 
@@ -170,7 +170,7 @@ async def _hold_orders_scope(run: Run, services: LoopServices) -> None:
     """Fence every earlier holder of the run's orders scope before the first request."""
     run.check_lease()
     try:
-        await services.orders.send_all(orders_scope(run), services.orders_topic, [],
+        await services.orders.send_all(orders_scope_of(run.source_partition), services.orders_topic, [],
                                        deadline=run.deadline)
     except Expired:
         raise LeaseLost(f"the lease of run {run.run_id} ended before it could hold its "
@@ -251,7 +251,7 @@ async def _send_orders(run: Run, services: LoopServices, page: Page) -> None:
         for order in page.orders
     ]
     try:
-        await services.orders.send_all(orders_scope(run), services.orders_topic, records,
+        await services.orders.send_all(orders_scope_of(run.source_partition), services.orders_topic, records,
                                        deadline=run.deadline)
     except (MessageSizeTooLargeError, RecordTooLargeError):
         largest, order = max(zip((len(r.value or b"") for r in records), page.orders),

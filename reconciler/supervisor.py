@@ -47,19 +47,6 @@ class Outcome:
     retry_after: float | None = None
 
 
-@dataclass(eq=False)
-class _WatchedRun(Run):
-    """A run that tells the supervisor when a pull step begins, so that the hang check
-    looks only at runs with a pull under way instead of at every run."""
-
-    on_progress: Callable[[Run], None] | None = None
-
-    def progressed(self) -> None:
-        super().progressed()
-        if self.on_progress is not None:
-            self.on_progress(self)
-
-
 class Supervisor:
     """The registry of runs, with two schedules for the watchdog.
 
@@ -100,7 +87,7 @@ class Supervisor:
     def start(self, lease: Lease, *, lease_taken_at: float) -> Run:
         config_id = lease.config.id
         assert config_id not in self.runs, f"a run of {config_id} is already registered"
-        run = _WatchedRun(
+        run = Run(
             config=lease.config,
             run_id=lease.run_id,
             fence=lease.fence,

@@ -260,16 +260,15 @@ class TransactionalSender:
         self._producer = producer
         return producer
 
-    def _drop_producer(self) -> asyncio.Task | None:
+    def _drop_producer(self) -> None:
         """Forget the producer and stop it in the background: the next one's start aborts
         whatever transaction it left open."""
         producer, self._producer = self._producer, None
         if producer is None:
-            return None
+            return
         task = asyncio.create_task(_stop_quietly(producer))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
-        return task
 
 
 class TransactionalSenders:
@@ -303,10 +302,6 @@ class TransactionalSenders:
     async def close(self) -> None:
         senders, self._senders = list(self._senders.values()), {}
         await asyncio.gather(*(sender.close() for sender in senders))
-
-    @property
-    def producer_starts(self) -> int:
-        return sum(sender.starts for sender in self._senders.values())
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

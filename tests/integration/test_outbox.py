@@ -56,6 +56,14 @@ def relay_for(deployment: Deployment, store: Store) -> OutboxRelay:
                        connection=deployment.connection, topic=deployment.topics.task_events)
 
 
+async def each_event_once(deployment: Deployment, ids: list[str], *, settle: float) -> None:
+    """Every one of these events arrives, and, `settle` seconds later, none twice."""
+    await wait_for(lambda: len(deployment.events) >= len(ids), timeout=30, what="the events")
+    await asyncio.sleep(settle)
+    counts = collections.Counter(e["id"] for e in deployment.events)
+    assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+
+
 async def drain(relay: OutboxRelay, store: Store) -> None:
     async def empty() -> bool:
         await relay._send_batch()
@@ -85,10 +93,7 @@ async def test_events_a_dead_relay_had_sent_are_found_in_the_topic_and_not_sent_
         await drain(successor, store)
         assert successor.found_sent == 40
 
-        await wait_for(lambda: len(deployment.events) >= 40, timeout=30, what="the events")
-        await asyncio.sleep(1.0)
-        counts = collections.Counter(e["id"] for e in deployment.events)
-        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+        await each_event_once(deployment, ids, settle=1.0)
     finally:
         await store.close()
 
@@ -114,10 +119,7 @@ async def test_events_a_dead_relay_only_tried_to_send_are_sent_once_by_the_next(
         await drain(successor, store)
         assert successor.found_sent == 0
 
-        await wait_for(lambda: len(deployment.events) >= 25, timeout=30, what="the events")
-        await asyncio.sleep(1.0)
-        counts = collections.Counter(e["id"] for e in deployment.events)
-        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+        await each_event_once(deployment, ids, settle=1.0)
     finally:
         await store.close()
 
@@ -191,9 +193,6 @@ async def test_a_relay_waiting_for_the_lock_leaves_the_sending_relay_unfenced(
         await asyncio.wait_for(batch, 30)
 
         await drain(waiting, store)
-        await wait_for(lambda: len(deployment.events) >= 20, timeout=30, what="the events")
-        await asyncio.sleep(1.0)
-        counts = collections.Counter(e["id"] for e in deployment.events)
-        assert {i: counts[i] for i in ids} == {i: 1 for i in ids}
+        await each_event_once(deployment, ids, settle=1.0)
     finally:
         await store.close()
