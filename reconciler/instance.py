@@ -42,6 +42,7 @@ from streams.publisher import OutgoingRecord, Publisher
 from streams.transactions import TransactionalSender, TransactionalSenders
 from streams.topics import Topics, ensure_topics
 from streams.tracing import processing_span, producer_span
+from reconciler.cancellation import raise_if_cancelling
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
 from reconciler.http import HttpEndpoints
 from reconciler.loop import LoopServices, Run, orders_scope_of
@@ -412,6 +413,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                raise_if_cancelling()
                 self.metrics.reconciles.add(1, {"action": "error"})
                 delay = 1.0 + random.random()
                 # During an outage every reconcile fails the same way: say it once a while.
@@ -728,6 +730,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                raise_if_cancelling()
                 log.warning(
                     "could not renew leases (%s); runs stop at their lease deadline unless "
                     "the next renewal succeeds",
@@ -760,6 +763,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                raise_if_cancelling()
                 log.warning("lost the lease-release listener (%s); reconnecting in 1 s",
                             " ".join(str(error).split()) or type(error).__name__)
                 await asyncio.sleep(1.0)
@@ -838,6 +842,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                raise_if_cancelling()
                 log.warning("resync could not list configs (%s); trying again next period",
                             " ".join(str(error).split()))
                 continue
@@ -866,6 +871,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 pass  # the database being away is reported where it matters
             await asyncio.sleep(5.0)
 
@@ -897,6 +903,7 @@ async def _retry_forever(operation: Callable[[], Awaitable[T]], *, what: str) ->
         except (asyncio.CancelledError, MessageSizeTooLargeError):
             raise
         except Exception as error:
+            raise_if_cancelling()
             log.warning(
                 "%s failed (%s); retrying in %.1f s",
                 what,

@@ -124,6 +124,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                raise_if_cancelling()
                 failures += 1
                 delay = min(10.0, 0.5 * 2**failures)
                 log.warning(
