@@ -198,10 +198,20 @@ class Deployment:
             [sys.executable, "-m", "reconciler.cli", "run"],
             env=environment,
             stdout=subprocess.DEVNULL,
-            stderr=open(f"/tmp/{self.settings.topic_prefix}-{instance_id}.log", "ab"),
+            stderr=open(self.log_path(instance_id), "ab"),
         )
         self.processes.append(process)
         return process
+
+    def log_path(self, instance_id: str) -> str:
+        return f"/tmp/{self.settings.topic_prefix}-{instance_id}.log"
+
+    def log_tail(self, instance_id: str, *, lines: int) -> str:
+        """The last lines a spawned instance logged, for a failure's report."""
+        path = self.log_path(instance_id)
+        with open(path, errors="replace") as log:
+            tail = log.readlines()[-lines:]
+        return f"---- {path}\n" + "".join(tail)
 
     @staticmethod
     def terminate(process: subprocess.Popen, *, timeout: float = 30) -> int:

@@ -86,19 +86,32 @@ async def test_broker_then_database_restarted_under_load_lose_no_change_and_conv
     await load.stop()
     settled_from = time.monotonic()
 
+    differences: list = []
+
     async def converged() -> bool:
         found = await rows(deployment.settings.database_url)
-        if any(found.get(i, {}).get("config_version") != doc["version"]
-               for i, doc in load.last.items()):
-            return False
         # Converged as the contract says: every enabled config running or waiting out its
         # backoff (runs that failed while the broker was away), no other config running.
         running = {i for i, r in found.items() if r["state"] == "running"}
         settled = running | {i for i, r in found.items() if r["state"] == "backoff"}
-        return settled == load.expected_enabled() and set(
-            active_runs(deployment.events)) == running
+        active = active_runs(deployment.events)
+        differences[:] = [
+            (i, doc["version"], doc["enabled"], r.get("config_version"), r.get("state"),
+             r.get("owner"), (r.get("run_id") or "")[:8], (active.get(i) or "")[:8])
+            for i, doc in sorted(load.last.items())
+            for r in [found.get(i, {})]
+            if r.get("config_version") != doc["version"]
+            or (i in settled) != doc["enabled"] or (i in running) != (i in active)
+        ]
+        return not differences
 
-    await wait_for(converged, timeout=60, what="convergence on the last published changes")
+    try:
+        await wait_for(converged, timeout=60, what="convergence on the last published changes",
+                       show=lambda: differences)
+    except AssertionError:
+        for name in processes:
+            print(deployment.log_tail(name, lines=60))
+        raise
     print(f"{load.published} changes published; converged "
           f"{time.monotonic() - settled_from:.1f} s after the load stopped")
     await asyncio.sleep(2.0)
