@@ -44,6 +44,7 @@ from streams.connection import KafkaConnection
 from streams.lifecycle import encode_lifecycle_event
 from streams.publisher import Expired, OutgoingRecord, Publisher
 from streams.transactions import TransactionalSender
+from reconciler.cancellation import raise_if_cancelling
 from reconciler.store import Store
 
 log = logging.getLogger(__name__)

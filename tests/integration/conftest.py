@@ -8,7 +8,6 @@ one: its own topic prefix and its own PostgreSQL database.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +16,7 @@ import asyncpg
 import pytest
 
 from reconciler.settings import Settings
-from tests.integration.harness import Deployment, deployment_with_source
+from tests.integration.harness import deployment_with_source
 
 
 @pytest.fixture(scope="session")
