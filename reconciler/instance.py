@@ -42,7 +42,7 @@ from streams.publisher import OutgoingRecord, Publisher
 from streams.transactions import TransactionalSender, TransactionalSenders
 from streams.topics import Topics, ensure_topics
 from streams.tracing import processing_span, producer_span
-from reconciler.cancellation import raise_if_cancelling
+from reconciler.cancellation import keep_running, raise_if_cancelling
 from reconciler.compare import Action, Decision, Desired, LocalRun, RecordedRun, decide
 from reconciler.http import HttpEndpoints
 from reconciler.loop import LoopServices, Run, orders_scope_of
@@ -182,13 +182,15 @@ class Instance:
             hang_grace=settings.hang_grace_seconds,
         )
         self._background = [
-            asyncio.create_task(self.relay.run(), name="outbox-relay"),
-            asyncio.create_task(self._renew_leases_forever(), name="lease-renewal"),
-            asyncio.create_task(self._watch_deadlines_forever(), name="lease-watchdog"),
-            asyncio.create_task(self._resync_forever(), name="resync"),
-            asyncio.create_task(self._listen_for_releases_forever(), name="lease-releases"),
-            asyncio.create_task(self._watch_kafka_forever(), name="kafka-watch"),
-            asyncio.create_task(self._sample_table_forever(), name="table-gauges"),
+            keep_running(work, name=name) for work, name in [
+                (self.relay.run, "outbox-relay"),
+                (self._renew_leases_forever, "lease-renewal"),
+                (self._watch_deadlines_forever, "lease-watchdog"),
+                (self._resync_forever, "resync"),
+                (self._listen_for_releases_forever, "lease-releases"),
+                (self._watch_kafka_forever, "kafka-watch"),
+                (self._sample_table_forever, "table-gauges"),
+            ]
         ]
         self._register_gauges()
         if settings.http_port:
