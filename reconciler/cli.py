@@ -476,6 +476,8 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
                     # Partitions are read one after another: put the events in time order.
                     for value in sorted(backlog, key=_event_time):
                         _print_event(value, decode_lifecycle_event, as_json)
+                    if not backlog and not as_json:
+                        click.echo(f"no lifecycle events in {topic} yet", err=True)
                     return
     finally:
         await consumer.stop()

@@ -147,6 +147,18 @@ async def test_status_json_and_events_show_the_running_config(deployment: Deploy
     assert types == ["pull.task.started"]
 
 
+async def test_events_says_so_when_there_are_none_yet(deployment: Deployment) -> None:
+    await deployment.start_instance()
+
+    events = await cli(deployment, "events")
+    assert events.returncode == 0
+    assert events.stdout == ""
+    assert f"no lifecycle events in {deployment.topics.task_events} yet" in events.stderr
+
+    as_json = await cli(deployment, "events", "--json")
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (0, "", "")
+
+
 async def test_status_exits_1_naming_postgresql_when_the_database_cannot_be_reached(
     deployment: Deployment,
 ) -> None:
