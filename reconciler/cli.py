@@ -174,7 +174,7 @@ async def _run_instance(settings: Settings) -> None:
     from reconciler.telemetry import setup_tracing
 
     setup_logging(level=settings.log_level, json_format=settings.log_format == "json")
-    setup_tracing(settings)
+    tracing = setup_tracing(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -188,6 +188,21 @@ async def _run_instance(settings: Settings) -> None:
         raise
     await stop.wait()
     await instance.stop()
+    _leave_after_graceful_stop(tracing)
+
+
+def _leave_after_graceful_stop(tracing: Any) -> None:
+    """End the process now that the shutdown is done. Waiting for the event loop's other
+    tasks and for library threads to wind down (faust's consumer thread keeps waiting for
+    a broker that does not answer) would only delay the exit, by minutes in the worst case."""
+    import logging
+    import os
+
+    tracing.force_flush(timeout_millis=5000)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---- config --------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ T = TypeVar("T")
 # The outbox relay of an instance sends only while its broker answered this recently, so an
 # instance cut off from Kafka leaves the deployment's events to the others.
 BROKER_RECENTLY_SECONDS = 5.0
+# How long a shutdown waits for the group to be left before it ends the runs anyway.
+LEAVING_FIRST_SECONDS = 5.0
 
 
 def kafka_connection(settings: Settings) -> KafkaConnection:
@@ -222,13 +224,23 @@ class Instance:
         log.info("instance started", extra={"instance_id": self.instance_id})
 
     async def stop(self) -> None:
-        """Graceful shutdown: every local run ends with `shutdown` and releases its lease."""
+        """Graceful shutdown: every local run ends with `shutdown` and releases its lease.
+
+        Each step is bounded, and all of them together by `shutdown_timeout_seconds`: with
+        the broker or the database unreachable a step gives up, and what it left undone is
+        done by others (the next owner ends a run as `lease-expired`; events wait in the
+        outbox for the next relay)."""
         self._stopping = True
-        if self.stream is not None:
-            await _bounded(self.stream.stop(), 15.0, "leaving the consumer group")
+        budget = ShutdownBudget(self.settings.shutdown_timeout_seconds)
+        # Leaving the group first lets the successors start at once. With the broker away
+        # it cannot finish: the runs are ended meanwhile, and it gets what is left at the end.
+        leaving = asyncio.ensure_future(self.stream.stop()) if self.stream is not None else None
+        if leaving is not None:
+            await asyncio.wait({leaving}, timeout=budget.allow(LEAVING_FIRST_SECONDS))
         self.queue.shut_down()
         if self._workers:
-            await asyncio.wait(self._workers, timeout=self.settings.stop_timeout_seconds)
+            await asyncio.wait(self._workers,
+                               timeout=budget.allow(self.settings.stop_timeout_seconds))
             for worker in self._workers:
                 worker.cancel()
         if self.supervisor is not None:
@@ -238,12 +250,12 @@ class Instance:
             # by the next owner (`lease-expired`).
             ended = [run for run in self.supervisor.runs.values() if run.task.done()]
             if ended:
-                await _bounded(self._finish_runs(ended), 10.0,
-                               f"recording the ends of {len(ended)} runs")
+                await budget.spend(self._finish_runs(ended), 10.0,
+                                   f"recording the ends of {len(ended)} runs")
         if self.relay is not None and self.store is not None:
-            await self.relay.wait_until_sent(timeout=5.0)
+            await self.relay.wait_until_sent(timeout=budget.allow(5.0))
         if self.store is not None:
-            await _bounded(
+            await budget.spend(
                 self.store.heartbeat(partitions=[], runs=0, stopped=True), 5.0,
                 "recording this instance as stopped",
             )
@@ -251,19 +263,19 @@ class Instance:
             task.cancel()
         if self._background:
             # A task cleaning up a connection the database dropped must not hold the stop.
-            await asyncio.wait(self._background, timeout=5.0)
+            await asyncio.wait(self._background, timeout=budget.allow(5.0))
         if self.source is not None:
-            await self.source.close()
-        if self.orders is not None:
-            await _bounded(self.orders.close(), 10.0, "closing the orders' producers")
-        if self.events is not None:
-            await _bounded(self.events.close(), 10.0, "closing the events' producer")
-        if self.publisher is not None:
-            await _bounded(self.publisher.stop(), 10.0, "stopping the producer")
-        if self.store is not None:
-            await _bounded(self.store.close(), 10.0, "closing the database pool")
-        if self.http is not None:
-            await _bounded(self.http.stop(), 5.0, "closing the HTTP endpoints")
+            await budget.spend(self.source.close(), 5.0, "closing the order source's client")
+        # Closing what is left shares the rest of the budget; with a server away each close
+        # only gives up.
+        closing = [(leaving, "leaving the consumer group"),
+                   (self.orders and self.orders.close(), "closing the orders' producers"),
+                   (self.events and self.events.close(), "closing the events' producer"),
+                   (self.publisher and self.publisher.stop(), "stopping the producer"),
+                   (self.store and self.store.close(), "closing the database pool"),
+                   (self.http and self.http.stop(), "closing the HTTP endpoints")]
+        await asyncio.gather(*(budget.spend(work, 10.0, what)
+                               for work, what in closing if work is not None))
         self.metrics.shutdown()
         if self._started:
             log.info("instance stopped", extra={"instance_id": self.instance_id})
@@ -916,14 +928,35 @@ async def _retry_forever(operation: Callable[[], Awaitable[T]], *, what: str) ->
             delay = min(5.0, delay * 2) * random.uniform(0.8, 1.2)
 
 
-async def _bounded(awaitable: Awaitable, seconds: float, what: str) -> None:
-    try:
-        await asyncio.wait_for(awaitable, seconds)
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:
-        log.warning("%s did not finish cleanly: %s", what, " ".join(str(error).split())
-                    or type(error).__name__)
+class ShutdownBudget:
+    """Time left for a shutdown; each step gets its own bound or what is left, if less."""
+
+    def __init__(self, seconds: float) -> None:
+        self._until = time.monotonic() + seconds
+
+    def allow(self, seconds: float) -> float:
+        return max(0.0, min(seconds, self._until - time.monotonic()))
+
+    async def spend(self, awaitable: Awaitable, seconds: float, what: str) -> None:
+        """Await `awaitable` within its bound. Past it the work is cancelled and left
+        behind, not awaited: a library call that ignores its cancel (a consumer thread
+        waiting for an unreachable broker) must not hold the shutdown."""
+        work = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({work}, timeout=self.allow(seconds))
+        if not done:
+            work.cancel()
+            work.add_done_callback(_retrieved)
+            log.warning("%s did not finish within its bound; left behind", what)
+            return
+        error = None if work.cancelled() else work.exception()
+        if error is not None:
+            log.warning("%s did not finish cleanly: %s", what,
+                        " ".join(str(error).split()) or type(error).__name__)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def record_size(record: ConfigRecord) -> int:

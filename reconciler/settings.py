@@ -87,6 +87,11 @@ class Settings(BaseSettings):
 
     # How long a stop waits for a loop to end before reporting it stuck (it stays `stopping`).
     stop_timeout_seconds: float = Field(5.0, alias="RECONCILER_STOP_TIMEOUT_SECONDS", gt=0)
+    # The whole graceful shutdown at most, however many servers are unreachable; within the
+    # 30 s an orchestrator usually grants before it kills.
+    shutdown_timeout_seconds: float = Field(
+        25.0, alias="RECONCILER_SHUTDOWN_TIMEOUT_SECONDS", gt=0
+    )
     # A pull that makes no progress for its request timeout plus this is hung: the watchdog
     # ends its run as failed.
     hang_grace_seconds: float = Field(15.0, alias="RECONCILER_HANG_GRACE_SECONDS", gt=0)

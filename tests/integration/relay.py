@@ -1,5 +1,7 @@
 """A TCP relay on loopback that a test can cut: every byte between one client and a server
 goes through it, and `cut()` drops every connection and refuses new ones until `restore()`.
+`freeze()` makes it a path that silently drops packets: connections stay open and new ones
+are accepted, but no byte goes through in either direction until `restore()`.
 
 With `kafka_requests=True` it reads what the client sends as Kafka requests, and
 `hold_from(api_key)` makes it a path that holds bytes: from the first request with that API
@@ -22,6 +24,7 @@ class Relay:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._cut = False
+        self._frozen = False
         self._hold_api_key: int | None = None
         self._released = asyncio.Event()
         self.held_requests = 0
@@ -57,13 +60,21 @@ class Relay:
             writer.transport.abort()
         self._writers.clear()
 
+    def freeze(self) -> None:
+        self._frozen = True
+
     def restore(self) -> None:
         self._cut = False
+        self._frozen = False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
             writer.transport.abort()
             return
+        while self._frozen:
+            if not await _discard_a_while(reader):
+                writer.transport.abort()
+                return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -84,6 +95,8 @@ class Relay:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if self._frozen:
+                    continue  # dropped
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
@@ -97,6 +110,8 @@ class Relay:
                 size = await reader.readexactly(4)
                 request = await reader.readexactly(int.from_bytes(size, "big"))
                 api_key = int.from_bytes(request[:2], "big")
+                if self._frozen:
+                    continue  # dropped
                 if held or (self._hold_api_key is not None and api_key == self._hold_api_key):
                     self.held_requests += 1
                     held.append(size + request)
@@ -108,3 +123,14 @@ class Relay:
             await asyncio.sleep(1.0)  # the broker answers; nobody listens
         self._holding.pop(writer, None)
         writer.transport.abort()
+
+
+async def _discard_a_while(reader: asyncio.StreamReader) -> bool:
+    """Read and drop what a client sends for a moment; False once it hung up."""
+    try:
+        data = await asyncio.wait_for(reader.read(65536), 0.2)
+    except TimeoutError:
+        return True
+    except (OSError, ConnectionError):
+        return False
+    return bool(data)

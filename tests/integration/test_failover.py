@@ -313,6 +313,40 @@ async def test_sigterm_hands_configs_to_the_successor_within_five_seconds(
                    what="one end event per run")
 
 
+async def test_sigterm_with_the_broker_silently_unreachable_exits_within_the_shutdown_bound(
+    deployment: Deployment, stack,
+) -> None:
+    relay_port, relayed_port = stack.kafka_relay_ports
+    relay = Relay(target_port=relayed_port, listen_port=relay_port)
+    await relay.start()
+    try:
+        process = deployment.spawn_instance(
+            instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}",
+            RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="15",
+        )
+        ids = await publish(deployment, 5, interval=0.5)
+        await wait_for(lambda: all(active_runs(deployment.events).get(i) for i in ids),
+                       timeout=90, what="every config running")
+
+        relay.freeze()  # packets dropped: every call to the broker waits for its timeout
+        await asyncio.sleep(2.0)
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 60)
+        elapsed = time.monotonic() - stopped_at
+        print(f"exit {elapsed:.1f} s after SIGTERM with the broker unreachable")
+        assert code == 0
+        # The budget (15 s) plus flushing and leaving; not the minutes faust's consumer
+        # thread waits for the broker.
+        assert elapsed < 15 + 10, deployment.log_tail("a", lines=30)
+        # The runs ended and released their leases: the database was reachable.
+        found = await rows(deployment.settings.database_url)
+        assert {found[i]["state"] for i in ids} == {"stopped"}
+        assert all(found[i]["owner"] is None for i in ids)
+    finally:
+        await relay.stop()
+
+
 async def test_static_membership_lets_a_quick_restart_move_no_partition(
     deployment: Deployment,
 ) -> None:
