@@ -109,14 +109,29 @@ class ActiveRuns:
         of every version, a run pulls with the last change's interval: the product keeps
         a run whose content did not change under a newer version (a disable and an enable
         taken together), so its `started` event may name an older version."""
+        return not self.differences(final, intervals, first=1)
+
+    def differences(self, final: dict[str, Change],
+                    intervals: dict[tuple[str, int], float] | None = None, *,
+                    first: int = 20) -> list[dict]:
+        """The first configs whose run does not match their last change, for a report."""
+        found = []
         for config_id, change in final.items():
             run = self.active.get(config_id)
-            if change.enabled != (run is not None):
-                return False
-            if intervals is not None and run is not None and run.version is not None:
-                if intervals.get((config_id, run.version)) != change.interval:
-                    return False
-        return True
+            wrong_interval = (
+                intervals is not None and run is not None and run.version is not None
+                and intervals.get((config_id, run.version)) != change.interval)
+            if change.enabled != (run is not None) or wrong_interval:
+                found.append({
+                    "config": config_id, "last_version": change.version,
+                    "enabled": change.enabled, "interval": change.interval,
+                    "run_version": None if run is None else run.version,
+                    "run_interval": None if run is None or intervals is None
+                    else intervals.get((config_id, run.version)),
+                })
+                if len(found) >= first:
+                    break
+        return found
 
 
 async def drive(*, stream: ChangeStream, apply: Callable[[list[Change]], Awaitable[None]],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -86,9 +87,19 @@ class Observer:
             await self._consumer.stop()
 
     async def _follow(self) -> None:
+        """Read for as long as the benchmark runs: an observer that died quietly would make
+        every later wait look like a system that never reacts."""
         assert self._consumer is not None
         while True:
-            batch = await self._consumer.getmany(timeout_ms=200)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                print(f"observer of {self._topic}: reading failed ({error!r}); reading on",
+                      file=sys.stderr, flush=True)
+                await asyncio.sleep(0.5)
+                continue
             arrived = time.time()
             for records in batch.values():
                 for record in records:

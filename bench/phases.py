@@ -338,6 +338,8 @@ async def run_churn(deployment: Deployment, system, *, configs: int, rate: float
         "unanswered_at_end": tracker.unanswered,
         "converged": converged,
         "convergence_s": None if convergence is None else round(convergence, 3),
+        # What the check still waited for when it gave up: the first configs that differ.
+        "unconverged": [] if converged else active.differences(states, intervals),
         "overlap_pairs": overlaps["pairs"],
         "overlapping_configs": overlaps["configs"],
         "overlap_examples": overlaps["examples"],
