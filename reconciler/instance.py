@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 
-from streams.config_stream import ConfigRecord, ConfigStream
+from streams.config_stream import ConfigRecord, ConfigStream, find_unreadable
 from streams.configs import Config, InvalidRecord, decode_config_record
 from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
@@ -119,6 +119,7 @@ class Instance:
         # Configs whose start waits for another run's lease: a release wakes them at once.
         self._waiting_for_lease: set[str] = set()
         self._last_assignment: set[int] = set()
+        self._kafka_connection: KafkaConnection | None = None
         self._generation = 0
         self._reclaim_everything = False
         # Monotonic time of the last successful call to the broker, for the cut-off check.
@@ -131,13 +132,12 @@ class Instance:
         self._background: list[asyncio.Task] = []
         self._workers: list[asyncio.Task] = []
         self._stopping = False
-        self._crash_reported = False
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         settings = self.settings
-        connection = kafka_connection(settings)
+        connection = self._kafka_connection = kafka_connection(settings)
         self.store = await Store.connect(
             settings.database_url,
             instance_id=self.instance_id,
@@ -192,6 +192,7 @@ class Instance:
                 (self._listen_for_releases_forever, "lease-releases"),
                 (self._watch_kafka_forever, "kafka-watch"),
                 (self._sample_table_forever, "table-gauges"),
+                (self._watch_stream_forever, "configs-stream-watch"),
             ]
         ]
         self._register_gauges()
@@ -822,14 +823,37 @@ class Instance:
     def _consuming(self) -> bool:
         """A member of the group, reaching the broker, and still reading configs."""
         if self.stream is not None and self.stream.crash is not None:
-            if not self._crash_reported:
-                self._crash_reported = True
-                log.error("the configs stream stopped reading (%s); no config change is "
-                          "applied until the record is removed and the instance restarted",
-                          " ".join(str(self.stream.crash).split())
-                          or type(self.stream.crash).__name__)
             return False
         return self.joined.is_set() and not self.kafka_cut_off
+
+    async def _watch_stream_forever(self) -> None:
+        """Say once, loudly and with where it happened, that the configs stream stopped."""
+        while self.stream is None or self.stream.crash is None:
+            await asyncio.sleep(1.0)
+        crash = self.stream.crash
+        log.error("the configs stream stopped reading (%s); no config change is applied "
+                  "until the record that stopped it is skipped and the instances restarted; "
+                  "looking for it", " ".join(str(crash).split()) or type(crash).__name__)
+        try:
+            found = await find_unreadable(
+                self._kafka_connection, topic=self.topics.configs,
+                group_id=self.settings.group_id, partitions=set(self._last_assignment),
+            )
+        except Exception as error:
+            raise_if_cancelling()
+            log.error("could not look for the unreadable record (%s)",
+                      " ".join(str(error).split()) or type(error).__name__)
+            found = None
+        for where in found:
+            log.error("configs partition %d: a record at offset %d or later cannot be read "
+                      "(%s); to skip it, stop every instance and move the group %s past its "
+                      "record batch on that partition (README: Known limitations)",
+                      where.partition, where.offset, where.error, self.settings.group_id)
+        if found == []:
+            log.error("no unreadable record found from the group's committed offsets of "
+                      "partitions %s", sorted(self._last_assignment))
+        while True:  # reported; nothing more to do until the restart
+            await asyncio.sleep(3600)
 
     def _may_hold_orders_scope(self, scope: str) -> bool:
         owned = {orders_scope_of(partition) for partition in self.assigned}

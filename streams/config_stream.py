@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -199,6 +200,59 @@ class ConfigStream:
             pass
         finally:
             await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Where the group's reading stopped: the first record at `offset` or later in
+    `partition` cannot be decoded."""
+
+    partition: int
+    offset: int
+    error: str
+
+
+async def find_unreadable(connection: KafkaConnection, *, topic: str, group_id: str,
+                          partitions: set[int], timeout: float = 30.0) -> list[Unreadable]:
+    """Read each partition from the group's committed offset (without joining the group)
+    up to its end, and say where a record cannot be decoded.
+
+    aiokafka decodes a whole record batch as it goes, so the records of the batch after
+    the bad one cannot be read either: skipping must go past the batch."""
+    consumer = AIOKafkaConsumer(
+        **connection.client_options(), group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    found = []
+    try:
+        for partition in sorted(partitions):
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            committed = await consumer.committed(tp)
+            if committed is not None:
+                consumer.seek(tp, committed)
+            else:
+                await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            offset = committed if committed is not None else (
+                await consumer.beginning_offsets([tp]))[tp]
+            deadline = asyncio.get_running_loop().time() + timeout
+            while await consumer.position(tp) < end:
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                try:
+                    batch = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                except Exception as error:  # the decoding error, whatever its type
+                    found.append(Unreadable(partition, offset,
+                                            " ".join(str(error).split())
+                                            or type(error).__name__))
+                    break
+                for record in batch.get(tp, []):
+                    offset = record.offset + 1
+    finally:
+        await consumer.stop()
+    return found
 
 
 async def _put_unless_crashed(queue: asyncio.Queue, event: object, handling: asyncio.Task) -> None:

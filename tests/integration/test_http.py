@@ -121,8 +121,9 @@ async def main(servers, topic):
     producer = AIOKafkaProducer(bootstrap_servers=servers)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, key=b"poison", value=b"{}",
-                                     headers=[(NotUtf8("x"), b"v")])
+        sent = await producer.send_and_wait(topic, key=b"poison", value=b"{}",
+                                            headers=[(NotUtf8("x"), b"v")])
+        print(sent.partition, sent.offset)
     finally:
         await producer.stop()
 
@@ -131,7 +132,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 
 async def test_readyz_says_not_ready_once_a_record_stops_the_configs_stream(
-    deployment: Deployment,
+    deployment: Deployment, caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()
     await deployment.start_instance(http_port=port, http_host="127.0.0.1")
@@ -139,10 +140,18 @@ async def test_readyz_says_not_ready_once_a_record_stops_the_configs_stream(
 
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _POISON, deployment.settings.kafka_bootstrap_servers,
-        deployment.topics.configs,
+        deployment.topics.configs, stdout=asyncio.subprocess.PIPE,
     )
-    assert await asyncio.wait_for(writer.wait(), 60) == 0
+    out, _ = await asyncio.wait_for(writer.communicate(), 60)
+    assert writer.returncode == 0
+    partition, offset = map(int, out.split())
 
     await wait_for(lambda: get_status(port, "/readyz", 503), timeout=30, what="not ready")
     status, text = await get(port, "/readyz")
     assert "configs stream stopped reading" in text
+    # The instance says where, so an operator can move the group past it.
+    where = f"configs partition {partition}: a record at offset {offset} or later cannot be read"
+    await wait_for(lambda: any(where in r.getMessage() for r in caplog.records), timeout=30,
+                   what="the unreadable record located",
+                   show=lambda: [r.getMessage() for r in caplog.records
+                                 if r.levelname == "ERROR"])
