@@ -170,13 +170,22 @@ class TransactionalSender:
                     _settle(send, None)
                 return True
             await _within(until, producer.begin_transaction())
-            written = [
-                await producer.send(send.topic, value=record.value, key=record.key,
-                                    headers=record.headers or None)
-                for send in sends for record in send.records
-            ]
-            for future in written:
-                future.add_done_callback(_retrieved)
+
+            written: list[asyncio.Future] = []
+
+            async def append_all() -> None:
+                # Appending waits while a partition's batch is full, until the producer's
+                # sender drained it: with the sender stuck (its coordinator loading after a
+                # broker restart, or fenced) that is aiokafka's 30 s per record, not ours.
+                for send in sends:
+                    for record in send.records:
+                        future = await producer.send(send.topic, value=record.value,
+                                                     key=record.key,
+                                                     headers=record.headers or None)
+                        future.add_done_callback(_retrieved)
+                        written.append(future)
+
+            await _within(until, append_all())
             # Every record's own outcome first: aiokafka would commit a transaction with a
             # record the broker refused, without it.
             await _within(until, asyncio.wait(written))

@@ -143,3 +143,48 @@ async def test_a_commit_held_on_the_way_is_refused_once_a_successor_holds_the_id
         await asyncio.wait_for(zombie.stop(), 10)
         await successor.close()
         await relay.stop()
+
+
+# The Kafka API key of the request that adds a partition to a transaction.
+_ADD_PARTITIONS_TO_TXN = 24
+
+
+async def test_a_send_whose_producer_cannot_drain_its_batches_ends_at_its_deadline(
+    deployment: Deployment, stack,
+) -> None:
+    """Appending a record waits while its partition's batch is full; a producer that cannot
+    send (its partitions never added to the transaction) must not hold the caller past the
+    deadline for aiokafka's 30 s per record."""
+    relay_port, relayed_port = stack.kafka_relay_ports
+    relay = Relay(target_port=relayed_port, listen_port=relay_port, kafka_requests=True)
+    await relay.start()
+    held_path = dataclasses.replace(deployment.connection,
+                                    bootstrap_servers=f"127.0.0.1:{relay_port}")
+    sender = TransactionalSender(held_path, f"{deployment.settings.group_id}.orders-stuck",
+                                 transaction_timeout=10)
+    topic = deployment.topics.orders
+    try:
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("warm-up", 1), deadline=lambda: far)
+        relay.hold_from(_ADD_PARTITIONS_TO_TXN)
+
+        big = [OutgoingRecord(key=f"stuck-{n}".encode(), value=b"stuck" + b"." * 2000,
+                              headers=[]) for n in range(300)]
+        began = time.monotonic()
+        deadline = began + 2.0
+        with pytest.raises(Expired):
+            await sender.send_all(topic, big, deadline=lambda: deadline)
+        took = time.monotonic() - began
+        print(f"the stuck send ended {took:.1f} s after it began (deadline 2 s)")
+        assert took < 10.0
+
+        relay.release()
+        far = time.monotonic() + 60
+        await sender.send_all(topic, records("after", 3), deadline=lambda: far)
+        await wait_for(lambda: written(deployment, "after") == 3, timeout=30,
+                       what="the later records")
+        await asyncio.sleep(1.0)
+        assert not any(r.value.startswith(b"stuck") for r in deployment.orders)
+    finally:
+        await sender.close()
+        await relay.stop()
