@@ -79,6 +79,10 @@ def run_async(main: Awaitable[Any], settings: Settings | None = None) -> Any:
         raise
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # Output piped to a reader that stopped reading (`| head`): click ends the command
+        # quietly (status 1), as it does for output printed outside the event loop.
+        raise
     except Exception as error:
         raise Failure(_describe_failure(error, settings)) from None
 
@@ -134,7 +138,7 @@ def _kafka_problem(settings: Settings) -> str | None:
 
 
 # Errors whose message already says what could not be reached.
-_SELF_EXPLAINING = {"DemoError", "StackError"}
+_SELF_EXPLAINING = {"DemoError", "StackError", "EndpointsUnavailable"}
 
 
 def _one_line(error: BaseException) -> str:
@@ -377,11 +381,12 @@ def status(as_json: bool) -> None:
             (row["last_error"] or "")[:60],
         )
     out.print(table)
-    for line in _instance_lines(instances, rows):
+    for line in _instance_lines(instances, rows, alive_within=settings.lease_seconds):
         click.echo(line)
 
 
-def _instance_lines(instances: list[dict], rows: list[dict]) -> list[str]:
+def _instance_lines(instances: list[dict], rows: list[dict], *,
+                    alive_within: float) -> list[str]:
     """One line per instance seen in the last ten minutes: what it holds and runs."""
     held: dict[str, int] = {}
     for row in rows:
@@ -391,7 +396,8 @@ def _instance_lines(instances: list[dict], rows: list[dict]) -> list[str]:
     for instance in instances:
         if instance["stopped"]:
             status = "stopped"
-        elif instance["seen_seconds_ago"] > 30:
+        elif instance["seen_seconds_ago"] > alive_within:
+            # Not seen for a lease: its runs have stopped themselves or will be taken over.
             status = f"silent for {instance['seen_seconds_ago']:.0f} s"
         else:
             status = f"alive, seen {instance['seen_seconds_ago']:.1f} s ago"

@@ -18,6 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 log = logging.getLogger(__name__)
 
 
+class EndpointsUnavailable(Exception):
+    """The HTTP endpoints cannot listen where the settings say."""
+
+
 class HttpEndpoints:
     def __init__(
         self,
@@ -42,7 +46,15 @@ class HttpEndpoints:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        try:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        except OSError as error:
+            await self._runner.cleanup()
+            raise EndpointsUnavailable(
+                f"cannot serve the HTTP endpoints on {self._host}:{self._port}: "
+                f"{error.strerror or error}; each instance on a host needs its own "
+                f"RECONCILER_HTTP_PORT (0 picks a free one)"
+            ) from None
         log.info("serving /healthz, /readyz and /metrics on %s:%d", self._host, self._port)
 
     async def stop(self) -> None:

@@ -39,7 +39,11 @@ from streams.configs import Config, InvalidRecord, decode_config_record
 from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
-from streams.transactions import TransactionalSender, TransactionalSenders
+from streams.transactions import (
+    TransactionalSender,
+    TransactionalSenders,
+    quiet_fenced_producers,
+)
 from streams.topics import Topics, ensure_topics
 from streams.tracing import processing_span, producer_span
 from reconciler.cancellation import keep_running, raise_if_cancelling
@@ -137,6 +141,7 @@ class Instance:
 
     async def start(self) -> None:
         settings = self.settings
+        quiet_fenced_producers(asyncio.get_running_loop())
         connection = self._kafka_connection = kafka_connection(settings)
         self.store = await Store.connect(
             settings.database_url,
@@ -236,8 +241,11 @@ class Instance:
         # Leaving the group first lets the successors start at once. With the broker away
         # it cannot finish: the runs are ended meanwhile, and it gets what is left at the end.
         leaving = asyncio.ensure_future(self.stream.stop()) if self.stream is not None else None
+        reachable = self.publisher is not None and await self.publisher.reaches_broker(
+            timeout=1.0)
         if leaving is not None:
-            await asyncio.wait({leaving}, timeout=budget.allow(LEAVING_FIRST_SECONDS))
+            await asyncio.wait({leaving}, timeout=budget.allow(
+                LEAVING_FIRST_SECONDS if reachable else 0.0))
         self.queue.shut_down()
         if self._workers:
             await asyncio.wait(self._workers,
@@ -269,8 +277,10 @@ class Instance:
             await budget.spend(self.source.close(), 5.0, "closing the order source's client")
         # Closing what is left shares the rest of the budget; with a server away each close
         # only gives up.
-        closing = [(leaving, "leaving the consumer group"),
-                   (self.orders and self.orders.close(), "closing the orders' producers"),
+        if leaving is not None:
+            await budget.spend(leaving, 10.0 if reachable else 1.0,
+                               "leaving the consumer group")
+        closing = [(self.orders and self.orders.close(), "closing the orders' producers"),
                    (self.events and self.events.close(), "closing the events' producer"),
                    (self.publisher and self.publisher.stop(), "stopping the producer"),
                    (self.store and self.store.close(), "closing the database pool"),

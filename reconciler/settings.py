@@ -144,6 +144,22 @@ class Settings(BaseSettings):
             raise ValueError(f"DATABASE_URL {problem}")
         return value
 
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_servers_are_host_and_port(cls, value: str) -> str:
+        for server in value.split(","):
+            server = server.strip()
+            host, colon, port = server.rpartition(":")
+            if not colon:
+                host, port = server, "9092"  # the clients' default port
+            if (not host or any(c.isspace() for c in host) or not port.isdigit()
+                    or not 0 < int(port) < 65536):
+                raise ValueError(
+                    f"KAFKA_BOOTSTRAP_SERVERS must be host[:port][,host[:port]...]; "
+                    f"{server!r} is not"
+                )
+        return value
+
     @field_validator("source_allowed_networks", "source_refused_networks")
     @classmethod
     def _networks_parse(cls, value: str, info: ValidationInfo) -> str:

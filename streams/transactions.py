@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     MessageSizeTooLargeError,
+    ProducerFenced,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
@@ -217,11 +218,17 @@ class TransactionalSender:
                 _settle(send, error)
             return True
         except Exception as error:
-            quiet = isinstance(error, TimeoutError) or self._failing
-            log.log(logging.DEBUG if quiet else logging.WARNING,
-                    "transaction of %s failed (%s); trying again with a new producer while "
-                    "the sends' deadlines last", self.transactional_id,
-                    " ".join(str(error).split()) or type(error).__name__)
+            if isinstance(error, ProducerFenced) or _fenced(self._producer):
+                # Another process started a producer with this id: for the events' id that
+                # is every other relay taking its turn; this one takes the id back.
+                log.debug("%s was taken by another producer; sending with a new one",
+                          self.transactional_id)
+            else:
+                quiet = isinstance(error, TimeoutError) or self._failing
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "transaction of %s failed (%s); trying again with a new producer "
+                        "while the sends' deadlines last", self.transactional_id,
+                        " ".join(str(error).split()) or type(error).__name__)
             self._failing = True
             self._drop_producer()
             self._retry(sends, error if not isinstance(error, TimeoutError) else
@@ -311,6 +318,34 @@ class TransactionalSenders:
     async def close(self) -> None:
         senders, self._senders = list(self._senders.values()), {}
         await asyncio.gather(*(sender.close() for sender in senders))
+
+
+def _fenced(producer: AIOKafkaProducer | None) -> bool:
+    """Whether the broker fenced this producer (its transactions can never go on)."""
+    manager = getattr(producer, "_txn_manager", None)
+    return manager is not None and manager.is_fatal_error()
+
+
+def quiet_fenced_producers(loop: asyncio.AbstractEventLoop) -> None:
+    """A fenced producer's sender fails futures nobody waits for any more, and asyncio
+    reports each with a traceback as never retrieved. Fencing is how a scope changes
+    hands, acted on where it happens: report those at debug level, everything else as
+    before."""
+    if getattr(loop, "_quiet_fenced_producers", False):
+        return
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if isinstance(context.get("exception"), ProducerFenced):
+            log.debug("a fenced producer's request failed: %s", context.get("message"))
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+    loop._quiet_fenced_producers = True  # type: ignore[attr-defined]
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

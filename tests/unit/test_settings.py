@@ -1,0 +1,23 @@
+"""Settings that cannot work are refused when read, naming the variable, not the value's
+secret parts."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from reconciler.settings import Settings
+
+
+@pytest.mark.parametrize("servers", ["127.0.0.1:9092", "localhost", "a:1, b:2", "[::1]:9092"])
+def test_bootstrap_servers_of_host_and_port_are_taken(servers, monkeypatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers)
+    assert Settings().kafka_bootstrap_servers == servers
+
+
+@pytest.mark.parametrize("servers", ["not a host", "broker:", ":9092", "broker:99999",
+                                     "broker:9092,", ""])
+def test_bootstrap_servers_that_name_no_broker_are_refused(servers, monkeypatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers)
+    with pytest.raises(ValidationError, match="KAFKA_BOOTSTRAP_SERVERS must be host"):
+        Settings()
