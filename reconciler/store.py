@@ -438,17 +438,28 @@ class Store:
         if not runs:
             return set()
         ids, run_ids, fences, versions = (list(column) for column in zip(*runs))
+        # Rows are locked in config id order, as every other statement that locks many
+        # (the configs stream's batched writes) does: locked in the join's order, a
+        # renewal and a batch deadlocked, and a renewal chosen as the victim cost its runs
+        # their leases.
         rows = await self._pool.fetch(
             """
+            WITH renewable AS (
+                SELECT t.config_id FROM pull_tasks t
+                JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                    AS r(config_id, run_id, fence, version)
+                  ON t.config_id = r.config_id
+                WHERE t.run_id = r.run_id AND t.fence = r.fence
+                  AND t.owner = $5 AND t.owner_boot = $6
+                  AND t.state IN ('starting', 'running', 'stopping')
+                  AND t.enabled AND NOT t.deleted
+                  AND t.config_version IS NOT DISTINCT FROM r.version
+                  AND (t.claimed_by IS NULL OR t.claimed_by = $5)
+                ORDER BY t.config_id
+                FOR UPDATE OF t
+            )
             UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $7)
-            FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                AS r(config_id, run_id, fence, version)
-            WHERE t.config_id = r.config_id AND t.run_id = r.run_id AND t.fence = r.fence
-              AND t.owner = $5 AND t.owner_boot = $6
-              AND t.state IN ('starting', 'running', 'stopping')
-              AND t.enabled AND NOT t.deleted
-              AND t.config_version IS NOT DISTINCT FROM r.version
-              AND (t.claimed_by IS NULL OR t.claimed_by = $5)
+            FROM renewable WHERE t.config_id = renewable.config_id
             RETURNING t.config_id
             """,
             ids,
@@ -463,13 +474,20 @@ class Store:
         return {r["config_id"] for r in rows}
 
     async def claim_partitions(self, partitions: list[int], *, generation: int) -> None:
-        """Mark the rows of newly assigned partitions as this instance's to run."""
+        """Mark the rows of newly assigned partitions as this instance's to run (locked in
+        config id order, as every statement that locks many rows)."""
         await self._pool.execute(
             """
-            UPDATE pull_tasks SET claimed_by = $2, claimed_generation = $3
-            WHERE source_partition = ANY($1::int[])
-              AND (claimed_generation IS NULL OR claimed_generation <= $3)
-              AND claimed_by IS DISTINCT FROM $2
+            WITH claimed AS (
+                SELECT config_id FROM pull_tasks
+                WHERE source_partition = ANY($1::int[])
+                  AND (claimed_generation IS NULL OR claimed_generation <= $3)
+                  AND claimed_by IS DISTINCT FROM $2
+                ORDER BY config_id
+                FOR UPDATE
+            )
+            UPDATE pull_tasks t SET claimed_by = $2, claimed_generation = $3
+            FROM claimed WHERE t.config_id = claimed.config_id
             """,
             partitions,
             self._instance_id,
