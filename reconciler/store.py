@@ -394,11 +394,15 @@ class Store:
                   AND (owner IS NULL OR lease_expires_at <= now()
                        OR (owner = $3 AND owner_boot = $4))
                   AND (claimed_by IS NULL OR claimed_by = $3)
-                RETURNING config_id, fence, config, cursor,
+                RETURNING config_id, fence, config, config_version, cursor,
                     EXTRACT(EPOCH FROM (now() - last_pull_at)) AS since_last_pull
             ), started AS (
+                -- The version is the one this statement found: a newer one stored after
+                -- the caller read the row is the one the run runs, and the event says so.
                 INSERT INTO lifecycle_outbox (config_id, event)
-                SELECT config_id, jsonb_set($6::jsonb, '{data,fence}', to_jsonb(fence))
+                SELECT config_id, jsonb_set(
+                    jsonb_set($6::jsonb, '{data,fence}', to_jsonb(fence)),
+                    '{data,config_version}', COALESCE(to_jsonb(config_version), 'null'::jsonb))
                 FROM taken
             )
             SELECT fence, config, cursor, since_last_pull FROM taken
