@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -53,4 +54,33 @@ async def test_ending_a_run_records_its_end_and_event_and_wakes_whoever_waits_fo
         assert await store.pool.fetchval("SELECT count(*) FROM lifecycle_outbox") == 2
     finally:
         await listener.close()
+        await store.close()
+
+
+async def test_a_started_event_names_the_version_the_lease_was_taken_on(
+    database_url: str,
+) -> None:
+    """A reconcile reads version 1, version 2 is stored, then the lease is taken: the run
+    runs version 2 (the lease returns the current config), and its event must say so."""
+    store = await Store.connect(database_url, instance_id="a", boot_id=uuid.uuid4().hex,
+                                pool_size=2, timeout=10)
+    try:
+        await store.migrate()
+        for version, interval in ((1, 20.017), (2, 20.018)):
+            doc = {**config_doc("c2", url="http://127.0.0.1:9/orders"),
+                   "version": version, "interval_seconds": interval}
+            config = config_from_json_dict(doc, expected_id="c2")
+            await store.write_desired(config, partition=0, offset=version, record_time=None)
+        read_before = 1
+        lease = await store.take_lease(
+            "c2", run_id="run-2", lease_seconds=10,
+            started_event=lambda fence: {"type": "started",
+                                         "data": {"fence": fence,
+                                                  "config_version": read_before}})
+        assert lease is not None and lease.config.interval_seconds == 20.018
+        event = await store.pool.fetchval(
+            "SELECT event FROM lifecycle_outbox WHERE config_id = 'c2'")
+        data = json.loads(event)["data"]
+        assert data == {"fence": lease.fence, "config_version": 2}
+    finally:
         await store.close()
