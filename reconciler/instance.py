@@ -35,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import inject
 
 from streams.config_stream import ConfigRecord, ConfigStream, find_unreadable
+from streams.lenient_records import printable_header_name, undecodable_header_names
 from streams.configs import Config, InvalidRecord, decode_config_record
 from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
@@ -304,6 +305,14 @@ class Instance:
             await self._handle_record(record)
 
     async def _handle_record(self, record: ConfigRecord) -> None:
+        undecodable = undecodable_header_names(record.headers)
+        if undecodable:
+            await self._dead_letter(
+                record,
+                f"header name {', '.join(undecodable)} is not UTF-8 text, which Kafka "
+                "requires of header names; the record was not parsed",
+            )
+            return
         size = record_size(record)
         limit = self.settings.max_record_bytes
         if size > limit:
@@ -360,7 +369,8 @@ class Instance:
             ("source-partition", str(record.partition).encode()),
             ("source-offset", str(record.offset).encode()),
         ]
-        carried = [(k, v) for k, v in record.headers if k not in _DLQ_HEADERS]
+        carried = [(printable_header_name(k), v) for k, v in record.headers
+                   if k not in _DLQ_HEADERS]
         # The copy must fit the broker's limit even though it carries more headers than the
         # original: drop the original headers first, then cut the value, and say so.
         attempts = [
@@ -995,7 +1005,8 @@ def _retrieved(task: asyncio.Future) -> None:
 
 def record_size(record: ConfigRecord) -> int:
     """Bytes of a record's key, value and headers, as the size limit counts them."""
-    headers = sum(len(name.encode()) + len(value) for name, value in record.headers)
+    headers = sum(len(name.encode("utf-8", "surrogateescape")) + len(value)
+                  for name, value in record.headers)
     return len(record.key or b"") + len(record.value or b"") + headers
 
 

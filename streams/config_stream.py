@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from streams import lenient_records
 from streams.connection import KafkaConnection
 from streams.topics import replication_factor
 
@@ -76,6 +77,9 @@ class ConfigStream:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
         self._datadir = tempfile.TemporaryDirectory(prefix="reconciler-faust-")
+        # A record with a header name that is not UTF-8 is handed on (and refused there),
+        # not left to stop the stream.
+        lenient_records.install()
         self.app = faust.App(
             group_id,
             broker=connection.faust_broker(),
@@ -113,7 +117,7 @@ class ConfigStream:
     @property
     def crash(self) -> BaseException | None:
         """Why the stream stopped consuming, if it did: faust's fetcher crashes on a record
-        aiokafka cannot decode (a header name that is not UTF-8), and reads nothing more."""
+        aiokafka cannot decode, and reads nothing more."""
         for service in (self.app._fetcher, self.app):
             if service.crash_reason is not None:
                 return service.crash_reason

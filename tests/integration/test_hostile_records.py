@@ -1,0 +1,64 @@
+"""Config records no ordinary client writes, and records every client may write compressed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.integration import hand_made
+from tests.integration.harness import Deployment, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_header_name_that_is_not_utf8_sends_its_record_to_the_dlq_and_no_other(
+    deployment: Deployment,
+) -> None:
+    await deployment.start_instance()
+    versions = [deployment.doc("c1", interval=5.0, version=v) for v in (1, 2, 3)]
+    versions[1]["enabled"] = False
+    versions[2]["interval_seconds"] = 7.0
+    # One batch: a good record, the bad one, a good one after it.
+    sent = await hand_made.publish(
+        deployment.settings.kafka_bootstrap_servers, deployment.topics.configs,
+        [("c1", json.dumps(doc), bad) for doc, bad in zip(versions, (False, True, False))])
+    assert len({partition for partition, _ in sent}) == 1
+
+    record, = await wait_for(lambda: deployment.dlq, timeout=20, what="the DLQ record")
+    headers = dict(record.headers)
+    assert b"header name \\xff\\xfename is not UTF-8" in headers["error"], headers["error"]
+    assert int(headers["source-offset"]) == sent[1][1]
+    assert headers["\\xff\\xfename"] == b"v"  # carried, its name made printable
+    assert json.loads(record.value) == versions[1]
+
+    await wait_for(lambda: any(e["data"]["config_version"] == 3
+                               for e in deployment.events_of("c1", "started")),
+                   timeout=20, what="a run of the version after the bad record")
+    row = await deployment.row("c1")
+    config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+    assert (config["version"], config["interval_seconds"]) == (3, 7.0)
+
+    # The stream carries on with later records.
+    await deployment.put("c2", interval=5.0)
+    await wait_for(lambda: deployment.events_of("c2", "started"), timeout=20, what="c2 starting")
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_config_records_compressed_with_any_kafka_codec_are_applied(
+    deployment: Deployment, codec: str,
+) -> None:
+    await deployment.start_instance()
+    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers,
+                                compression_type=codec)
+    await producer.start()
+    try:
+        doc = deployment.doc(f"{codec}-1", interval=5.0)
+        await producer.send_and_wait(deployment.topics.configs, key=doc["id"].encode(),
+                                     value=json.dumps(doc).encode())
+    finally:
+        await producer.stop()
+    await wait_for(lambda: deployment.events_of(doc["id"], "started"), timeout=20,
+                   what=f"the {codec}-compressed config starting")
+    assert deployment.dlq == []
