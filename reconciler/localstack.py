@@ -553,18 +553,8 @@ class _Kafka:
         _set_aside_if_large(self.stdout_log)
         progress(f"starting Kafka on {self.bootstrap_servers}")
         command = [java, "-Xmx512m", *self._java_options(), "kafka.Kafka", str(self.properties)]
-        with open(self.stdout_log, "ab") as output:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self.folder,
-                start_new_session=True,
-            )
-        _children[process.pid] = process
-        self.pid_file.write_text(f"{process.pid}\n")
-        logger.info("kafka started pid=%d port=%d", process.pid, self.port)
+        pid = _spawn(command, output=self.stdout_log, folder=self.folder, pid_file=self.pid_file)
+        logger.info("kafka started pid=%d port=%d", pid, self.port)
         try:
             self.await_ready(progress=progress)
         except StackError:
@@ -587,23 +577,8 @@ class _Kafka:
 
     def stop(self, *, kill: bool, progress: Progress) -> bool:
         """Stops the broker if it runs; returns whether it ran."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-
-        progress(f"stopping Kafka (pid {pid})")
-        _signal(pid, signal.SIGKILL if kill else signal.SIGTERM)
-        if not _wait_until_gone(pid, timeout=STOP_SECONDS):
-            logger.warning(
-                "kafka pid=%d still runs %.0f s after SIGTERM; killing it", pid, STOP_SECONDS
-            )
-            _signal(pid, signal.SIGKILL)
-            _wait_until_gone(pid, timeout=STOP_SECONDS)
-        self.pid_file.unlink(missing_ok=True)
-        logger.info("kafka stopped pid=%d killed=%s", pid, kill)
-        progress("Kafka stopped")
-        return True
+        return _stop_spawned(self.pid(), pid_file=self.pid_file, name="Kafka", kill=kill,
+                             progress=progress)
 
     def _java_options(self) -> list[str]:
         # The JVM expands a `*` class path entry to every jar of the folder by itself.
@@ -1170,18 +1145,9 @@ class _Jaeger:
         progress(
             f"starting Jaeger: OTLP on {self.otlp_http_endpoint}, query API on {self.query_url}"
         )
-        with open(self.log, "ab") as output:
-            process = subprocess.Popen(
-                [str(binary), "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self.folder,
-                start_new_session=True,
-            )
-        _children[process.pid] = process
-        self.pid_file.write_text(f"{process.pid}\n")
-        logger.info("jaeger started pid=%d query_port=%d", process.pid, self.ports.query_http)
+        pid = _spawn([str(binary), "--config", str(self.config)], output=self.log,
+                     folder=self.folder, pid_file=self.pid_file)
+        logger.info("jaeger started pid=%d query_port=%d", pid, self.ports.query_http)
         try:
             self.await_ready(progress=progress)
         except StackError:
@@ -1203,23 +1169,8 @@ class _Jaeger:
 
     def stop(self, *, progress: Progress) -> bool:
         """Stops Jaeger if it runs; returns whether it ran."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-
-        progress(f"stopping Jaeger (pid {pid})")
-        _signal(pid, signal.SIGTERM)
-        if not _wait_until_gone(pid, timeout=STOP_SECONDS):
-            logger.warning(
-                "jaeger pid=%d still runs %.0f s after SIGTERM; killing it", pid, STOP_SECONDS
-            )
-            _signal(pid, signal.SIGKILL)
-            _wait_until_gone(pid, timeout=STOP_SECONDS)
-        self.pid_file.unlink(missing_ok=True)
-        logger.info("jaeger stopped pid=%d", pid)
-        progress("Jaeger stopped")
-        return True
+        return _stop_spawned(self.pid(), pid_file=self.pid_file, name="Jaeger", kill=False,
+                             progress=progress)
 
     def _config_text(self) -> str:
         return _JAEGER_CONFIG_TEMPLATE.format(
@@ -1580,6 +1531,39 @@ def _collect_exit(pid: int) -> None:
         return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _spawn(command: list[str], *, output: Path, folder: Path, pid_file: Path) -> int:
+    """Starts a server in a session of its own, its output appended to `output`, and
+    records its pid in `pid_file`."""
+    with open(output, "ab") as sink:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            cwd=folder, start_new_session=True,
+        )
+    _children[process.pid] = process
+    pid_file.write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def _stop_spawned(pid: int | None, *, pid_file: Path, name: str, kill: bool,
+                  progress: Progress) -> bool:
+    """Stops a server `_spawn` started (SIGTERM, or SIGKILL if `kill` or if it outlives
+    `STOP_SECONDS`); returns whether it ran."""
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    progress(f"stopping {name} (pid {pid})")
+    _signal(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    if not _wait_until_gone(pid, timeout=STOP_SECONDS):
+        logger.warning("%s pid=%d still runs %.0f s after SIGTERM; killing it",
+                       name.lower(), pid, STOP_SECONDS)
+        _signal(pid, signal.SIGKILL)
+        _wait_until_gone(pid, timeout=STOP_SECONDS)
+    pid_file.unlink(missing_ok=True)
+    logger.info("%s stopped pid=%d killed=%s", name.lower(), pid, kill)
+    progress(f"{name} stopped")
+    return True
 
 
 def _signal(pid: int, number: signal.Signals) -> None:
