@@ -17,6 +17,7 @@ import pytest
 
 from reconciler.settings import Settings
 from tests.integration.harness import deployment_with_source
+from tests.integration.relay import Relay
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +102,26 @@ def stack(local_stack):
     yield local_stack
     # Whatever a test stopped runs again for the next one.
     local_stack.up()
+
+
+@pytest.fixture
+async def kafka_relay(stack):
+    """Starts a `Relay` in front of the broker for a test (in front of the listener the
+    broker keeps for relays, so that what the broker advertises leads through it again);
+    every relay started is stopped after the test."""
+    started: list[Relay] = []
+
+    async def start(*, kafka_requests: bool = False) -> Relay:
+        relay_port, relayed_port = stack.kafka_relay_ports
+        relay = Relay(target_port=relayed_port, listen_port=relay_port,
+                      kafka_requests=kafka_requests)
+        await relay.start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        await relay.stop()
 
 
 @pytest.fixture

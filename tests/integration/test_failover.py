@@ -192,46 +192,42 @@ async def test_frozen_instance_is_replaced_and_after_thawing_sends_and_publishes
 
 
 async def test_instance_cut_off_from_kafka_hands_its_configs_over_and_stops_its_runs(
-    deployment: Deployment, stack,
+    deployment: Deployment, kafka_relay,
 ) -> None:
-    relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port)
-    await relay.start()
-    try:
-        processes = {
-            "a": deployment.spawn_instance(
-                instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}"
-            ),
-            "b": deployment.spawn_instance(instance_id="b"),
-        }
-        ids = await publish(deployment, 30, interval=0.5)
-        await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=90,
-                       what="all configs running on a and b")
-        await asyncio.sleep(1.0)
-        found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=30,
-                               what="a steady state")
-        cut_off = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
-        assert cut_off
+    relay = await kafka_relay()
+    relay_port = relay.listen_port
+    processes = {
+        "a": deployment.spawn_instance(
+            instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}"
+        ),
+        "b": deployment.spawn_instance(instance_id="b"),
+    }
+    ids = await publish(deployment, 30, interval=0.5)
+    await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=90,
+                   what="all configs running on a and b")
+    await asyncio.sleep(1.0)
+    found = await wait_for(lambda: spread_over(deployment, ids, {"a", "b"}), timeout=30,
+                           what="a steady state")
+    cut_off = {i: r["run_id"] for i, r in found.items() if r["owner"] == "a"}
+    assert cut_off
 
-        cut_at = time.monotonic()
-        relay.cut()
+    cut_at = time.monotonic()
+    relay.cut()
 
-        await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
-                                   for i, run in cut_off.items()),
-                       timeout=FAILOVER_BOUND + MARGIN, what="configs moved to b")
-        print(f"hand-over after cutting a off from Kafka took {time.monotonic() - cut_at:.1f} s")
-        await asyncio.sleep(2.0)
-        stale = set(cut_off.values())
-        assert not any(r.run_id in stale and r.started > time.monotonic() - 1.5
-                       for r in deployment.source.requests())
-        assert deployment.source.overlaps() == []
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) not in (None, run)
+                               for i, run in cut_off.items()),
+                   timeout=FAILOVER_BOUND + MARGIN, what="configs moved to b")
+    print(f"hand-over after cutting a off from Kafka took {time.monotonic() - cut_at:.1f} s")
+    await asyncio.sleep(2.0)
+    stale = set(cut_off.values())
+    assert not any(r.run_id in stale and r.started > time.monotonic() - 1.5
+                   for r in deployment.source.requests())
+    assert deployment.source.overlaps() == []
 
-        relay.restore()
-        await stop_all(deployment, processes)
-        await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
-                       what="one end event per run")
-    finally:
-        await relay.stop()
+    relay.restore()
+    await stop_all(deployment, processes)
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="one end event per run")
 
 
 async def test_instance_cut_off_from_postgresql_stops_its_runs_before_their_leases_expire(
@@ -314,37 +310,33 @@ async def test_sigterm_hands_configs_to_the_successor_within_five_seconds(
 
 
 async def test_sigterm_with_the_broker_silently_unreachable_exits_within_the_shutdown_bound(
-    deployment: Deployment, stack,
+    deployment: Deployment, kafka_relay,
 ) -> None:
-    relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port)
-    await relay.start()
-    try:
-        process = deployment.spawn_instance(
-            instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}",
-            RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="15",
-        )
-        ids = await publish(deployment, 5, interval=0.5)
-        await wait_for(lambda: all(active_runs(deployment.events).get(i) for i in ids),
-                       timeout=90, what="every config running")
+    relay = await kafka_relay()
+    relay_port = relay.listen_port
+    process = deployment.spawn_instance(
+        instance_id="a", KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay_port}",
+        RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="15",
+    )
+    ids = await publish(deployment, 5, interval=0.5)
+    await wait_for(lambda: all(active_runs(deployment.events).get(i) for i in ids),
+                   timeout=90, what="every config running")
 
-        relay.freeze()  # packets dropped: every call to the broker waits for its timeout
-        await asyncio.sleep(2.0)
-        stopped_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 60)
-        elapsed = time.monotonic() - stopped_at
-        print(f"exit {elapsed:.1f} s after SIGTERM with the broker unreachable")
-        assert code == 0
-        # The budget (15 s) plus flushing and leaving; not the minutes faust's consumer
-        # thread waits for the broker.
-        assert elapsed < 15 + 10, deployment.log_tail("a", lines=30)
-        # The runs ended and released their leases: the database was reachable.
-        found = await rows(deployment.settings.database_url)
-        assert {found[i]["state"] for i in ids} == {"stopped"}
-        assert all(found[i]["owner"] is None for i in ids)
-    finally:
-        await relay.stop()
+    relay.freeze()  # packets dropped: every call to the broker waits for its timeout
+    await asyncio.sleep(2.0)
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, 60)
+    elapsed = time.monotonic() - stopped_at
+    print(f"exit {elapsed:.1f} s after SIGTERM with the broker unreachable")
+    assert code == 0
+    # The budget (15 s) plus flushing and leaving; not the minutes faust's consumer
+    # thread waits for the broker.
+    assert elapsed < 15 + 10, deployment.log_tail("a", lines=30)
+    # The runs ended and released their leases: the database was reachable.
+    found = await rows(deployment.settings.database_url)
+    assert {found[i]["state"] for i in ids} == {"stopped"}
+    assert all(found[i]["owner"] is None for i in ids)
 
 
 async def test_static_membership_lets_a_quick_restart_move_no_partition(

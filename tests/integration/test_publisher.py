@@ -16,7 +16,6 @@ from aiokafka.errors import KafkaError
 from streams.publisher import Expired, OutgoingRecord
 from streams.transactions import TransactionalSender
 from tests.integration.harness import Deployment, wait_for
-from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +63,10 @@ async def test_records_queued_while_the_process_stood_still_past_their_deadline_
 
 
 async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_arrive(
-    deployment: Deployment, stack,
+    deployment: Deployment, kafka_relay,
 ) -> None:
-    relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port)
-    await relay.start()
+    relay = await kafka_relay()
+    relay_port = relay.listen_port
     connection = dataclasses.replace(deployment.connection,
                                      bootstrap_servers=f"127.0.0.1:{relay_port}")
     sender = TransactionalSender(connection, f"{deployment.settings.group_id}.orders-cut",
@@ -101,18 +99,16 @@ async def test_records_whose_deadline_passes_while_the_broker_is_cut_off_never_a
         assert written(deployment, "cut") == 0
     finally:
         await sender.close()
-        await relay.stop()
 
 
 async def test_a_commit_held_on_the_way_is_refused_once_a_successor_holds_the_id(
-    deployment: Deployment, stack,
+    deployment: Deployment, kafka_relay,
 ) -> None:
     """A zombie's transaction, its records written and its commit sent but held by the
     network until a successor took the transactional id, never becomes visible: the
     successor's start aborted it, and the late commit is refused."""
-    relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port, kafka_requests=True)
-    await relay.start()
+    relay = await kafka_relay(kafka_requests=True)
+    relay_port = relay.listen_port
     held_path = dataclasses.replace(deployment.connection,
                                     bootstrap_servers=f"127.0.0.1:{relay_port}")
     scope = f"{deployment.settings.group_id}.orders-test"
@@ -142,7 +138,6 @@ async def test_a_commit_held_on_the_way_is_refused_once_a_successor_holds_the_id
     finally:
         await asyncio.wait_for(zombie.stop(), 10)
         await successor.close()
-        await relay.stop()
 
 
 # The Kafka API key of the request that adds a partition to a transaction.
@@ -150,14 +145,13 @@ _ADD_PARTITIONS_TO_TXN = 24
 
 
 async def test_a_send_whose_producer_cannot_drain_its_batches_ends_at_its_deadline(
-    deployment: Deployment, stack,
+    deployment: Deployment, kafka_relay,
 ) -> None:
     """Appending a record waits while its partition's batch is full; a producer that cannot
     send (its partitions never added to the transaction) must not hold the caller past the
     deadline for aiokafka's 30 s per record."""
-    relay_port, relayed_port = stack.kafka_relay_ports
-    relay = Relay(target_port=relayed_port, listen_port=relay_port, kafka_requests=True)
-    await relay.start()
+    relay = await kafka_relay(kafka_requests=True)
+    relay_port = relay.listen_port
     held_path = dataclasses.replace(deployment.connection,
                                     bootstrap_servers=f"127.0.0.1:{relay_port}")
     sender = TransactionalSender(held_path, f"{deployment.settings.group_id}.orders-stuck",
@@ -187,4 +181,3 @@ async def test_a_send_whose_producer_cannot_drain_its_batches_ends_at_its_deadli
         assert not any(r.value.startswith(b"stuck") for r in deployment.orders)
     finally:
         await sender.close()
-        await relay.stop()
