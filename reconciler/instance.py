@@ -543,8 +543,8 @@ class Instance:
                 and row.config is not None
                 and row.config_version != local.config.version
             ):
-                # Same content under a new version: the run goes on, and renews its lease
-                # at the version the table now holds.
+                # Same content under a new version: the run goes on under the version the
+                # table now holds (which its later events name).
                 local.config = row.config
             return
         if action in (Action.WAIT_FOR_LEASE, Action.WAIT_FOR_BACKOFF):

@@ -430,18 +430,21 @@ class Store:
         )
 
     async def renew_leases(
-        self, runs: list[tuple[str, str, int, int | None]], *, lease_seconds: float
+        self, runs: list[tuple[str, str, int]], *, lease_seconds: float
     ) -> set[str]:
         """Renew this instance's leases in one statement; returns the renewed config ids.
 
-        `runs` holds (config id, run id, fencing number, config version). A lease is renewed
-        only while the row is still this run's, the config is still enabled at the version
-        the run runs, and no other instance has claimed the config's partition: an instance
-        cut off from Kafka cannot keep a config its successor wants.
+        `runs` holds (config id, run id, fencing number). A lease is renewed only while the
+        row is still this run's and no other instance has claimed the config's partition:
+        an instance cut off from Kafka cannot keep a config its successor wants. A change
+        of the desired state (disabled, deleted, a new version) does not end the lease:
+        the reconcile the change queued stops the run and says why. (Refusing the renewal
+        as well made runs whose reconcile waited behind a burst of changes stop as
+        `lease-lost` instead of `disabled`.)
         """
         if not runs:
             return set()
-        ids, run_ids, fences, versions = (list(column) for column in zip(*runs))
+        ids, run_ids, fences = (list(column) for column in zip(*runs))
         # Rows are locked in config id order, as every other statement that locks many
         # (the configs stream's batched writes) does: locked in the join's order, a
         # renewal and a batch deadlocked, and a renewal chosen as the victim cost its runs
@@ -450,26 +453,22 @@ class Store:
             """
             WITH renewable AS (
                 SELECT t.config_id FROM pull_tasks t
-                JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                    AS r(config_id, run_id, fence, version)
+                JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS r(config_id, run_id, fence)
                   ON t.config_id = r.config_id
                 WHERE t.run_id = r.run_id AND t.fence = r.fence
-                  AND t.owner = $5 AND t.owner_boot = $6
+                  AND t.owner = $4 AND t.owner_boot = $5
                   AND t.state IN ('starting', 'running', 'stopping')
-                  AND t.enabled AND NOT t.deleted
-                  AND t.config_version IS NOT DISTINCT FROM r.version
-                  AND (t.claimed_by IS NULL OR t.claimed_by = $5)
+                  AND (t.claimed_by IS NULL OR t.claimed_by = $4)
                 ORDER BY t.config_id
                 FOR UPDATE OF t
             )
-            UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $7)
+            UPDATE pull_tasks t SET lease_expires_at = now() + make_interval(secs => $6)
             FROM renewable WHERE t.config_id = renewable.config_id
             RETURNING t.config_id
             """,
             ids,
             run_ids,
             fences,
-            versions,
             self._instance_id,
             self._boot_id,
             lease_seconds,

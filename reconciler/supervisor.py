@@ -173,7 +173,7 @@ class Supervisor:
             return
         sent = time.monotonic()
         renewed = await self._store.renew_leases(
-            [(run.config.id, run.run_id, run.fence, run.config.version) for run in runs],
+            [(run.config.id, run.run_id, run.fence) for run in runs],
             lease_seconds=self._lease_seconds,
         )
         deadline = sent + self._lease_seconds - self._lease_margin

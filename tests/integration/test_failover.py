@@ -90,9 +90,17 @@ async def test_three_instances_run_each_of_200_configs_exactly_once_spread_over_
     assert set(owners) == {"a", "b", "c"}, owners
     assert all(count >= 20 for count in owners.values()), owners
     # Instances joined one after another, so some configs moved (`reassigned`) on the way;
-    # what counts is one active run per config, the one the table names, and no overlap.
-    active = active_runs(deployment.events)
-    assert {i: found[i]["run_id"] for i in ids} == {i: active.get(i) for i in ids}
+    # what counts is one active run per config, the one the table names (once the relays
+    # delivered the last `started` events), and no overlap.
+    def events_agree_with_the_table() -> bool:
+        active = active_runs(deployment.events)
+        return {i: found[i]["run_id"] for i in ids} == {i: active.get(i) for i in ids}
+
+    await wait_for(events_agree_with_the_table, timeout=20,
+                   what="the events naming the runs the table names",
+                   show=lambda: {i: (found[i]["run_id"], active_runs(deployment.events).get(i))
+                                 for i in ids
+                                 if found[i]["run_id"] != active_runs(deployment.events).get(i)})
     assert deployment.source.overlaps() == []
 
     await stop_all(deployment, processes)

@@ -8,11 +8,14 @@ import uuid
 
 import pytest
 
-from streams.configs import config_from_json_dict
+from streams.configs import Tombstone, config_from_json_dict
 from reconciler.store import Fenced, Store
 from tests.integration.harness import Deployment, config_doc
 
 pytestmark = pytest.mark.integration
+
+
+URL = "http://127.0.0.1:9/orders"
 
 
 def no_event(*args, **kwargs) -> dict:
@@ -65,3 +68,48 @@ async def test_a_stale_run_cannot_replace_the_cursor_or_the_last_pull_of_its_suc
     finally:
         await old.close()
         await new.close()
+
+
+async def test_a_lease_is_renewed_while_the_row_is_the_runs_whatever_the_desired_state(
+    deployment: Deployment,
+) -> None:
+    """Disabling, deleting or changing a config leaves its run's lease to the reconcile
+    that stops it with that reason; only a row that is no longer the run's, or a partition
+    another instance claimed, ends the renewals."""
+    url = deployment.settings.database_url
+    store = await Store.connect(url, instance_id="a", boot_id=uuid.uuid4().hex, pool_size=2,
+                                timeout=10)
+    try:
+        await store.migrate()
+        leases = {}
+        for config_id in ("disabled", "deleted", "changed", "taken-over", "claimed"):
+            config = config_from_json_dict(
+                config_doc(config_id, url=URL, version=1), expected_id=config_id)
+            await store.write_desired(config, partition=0 if config_id != "claimed" else 1,
+                                      offset=0, record_time=None)
+            leases[config_id] = await store.take_lease(config_id, run_id=f"run-{config_id}",
+                                                       lease_seconds=10,
+                                                       started_event=no_event)
+        changes = [
+            config_doc("disabled", url=URL, version=2, enabled=False),
+            None,
+            config_doc("changed", url=URL, version=2, interval=99.0),
+        ]
+        for offset, (config_id, doc) in enumerate(zip(("disabled", "deleted", "changed"),
+                                                      changes), start=1):
+            change = (Tombstone(config_id) if doc is None
+                      else config_from_json_dict(doc, expected_id=config_id))
+            await store.write_desired(change, partition=0, offset=offset, record_time=None)
+        other = await Store.connect(url, instance_id="b", boot_id=uuid.uuid4().hex,
+                                    pool_size=2, timeout=10)
+        try:
+            await other.claim_partitions([1], generation=2)
+        finally:
+            await other.close()
+
+        runs = [(c, f"run-{c}", lease.fence) for c, lease in leases.items()]
+        runs[3] = ("taken-over", "run-taken-over", leases["taken-over"].fence - 1)
+        renewed = await store.renew_leases(runs, lease_seconds=10)
+        assert renewed == {"disabled", "deleted", "changed"}
+    finally:
+        await store.close()

@@ -140,7 +140,7 @@ async def test_renewal_sends_the_live_runs_in_chunks_and_moves_only_the_renewed_
 
     assert [[config_id for config_id, *_ in statement] for statement in store.statements] == [
         ["c0", "c1"], ["c2", "c3"], ["c4"]]
-    assert store.statements[0][0] == ("c0", "run-c0", 1, None)
+    assert store.statements[0][0] == ("c0", "run-c0", 1)
     for run in runs:
         renewed = run.config.id in store.renewable
         assert (run.lease_deadline >= before + LEASE - MARGIN) is renewed, run.config.id
