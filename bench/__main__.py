@@ -59,6 +59,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="where the JSON goes")
     parser.add_argument("--profile", action="store_true",
                         help="record the instance with py-spy during burst and capacity")
+    parser.add_argument("--instance-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a RECONCILER_* variable for every product instance, e.g. "
+                        "RECONCILER_WORKERS=32 (repeatable)")
     defaults = Sizes()
     for field in dataclasses.fields(Sizes):
         flag = "--" + field.name.replace("_", "-")
@@ -73,6 +76,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if bool(arguments.kafka_bootstrap) != bool(arguments.database_url):
         parser.error("--kafka-bootstrap and --database-url go together")
+    for setting in arguments.instance_setting:
+        name, equals, _ = setting.partition("=")
+        if not equals or not name.startswith("RECONCILER_"):
+            parser.error(f"--instance-setting {setting!r}: expected RECONCILER_<NAME>=<value>")
     unknown = set(arguments.phase.split(",")) - set(PHASES)
     if unknown:
         parser.error(f"unknown phase {', '.join(sorted(unknown))}; choose from "
@@ -149,7 +156,8 @@ async def run_phases(arguments: argparse.Namespace, sizes: Sizes, stamp: str,
                        database_url=arguments.database_url)
     endpoints = await asyncio.to_thread(stack.up)
     logs = stack.root / "logs" / stamp
-    context = Context(stack=stack, endpoints=endpoints, logs=logs, label=stamp[-6:].lower())
+    context = Context(stack=stack, endpoints=endpoints, logs=logs, label=stamp[-6:].lower(),
+                      instance_settings=instance_settings(arguments))
     profile_dir = logs / "profiles" if arguments.profile else None
     load = LoadWatch()
     load.start()
@@ -336,6 +344,10 @@ def print_table(report: dict) -> None:
           f"average (1 min) per phase {report['load_average_1m']}")
 
 
+def instance_settings(arguments: argparse.Namespace) -> dict[str, str]:
+    return dict(setting.split("=", 1) for setting in arguments.instance_setting)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases_asked": arguments.phase.split(","),
         "sizes": dataclasses.asdict(sizes),
         "machine": machine(),
+        "instance_settings": instance_settings(arguments),
     }
     output = arguments.output or RESULTS / f"{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

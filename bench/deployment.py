@@ -47,8 +47,10 @@ class Context:
     """What every phase shares: the servers, where logs go, the run's label."""
 
     def __init__(self, *, stack: BenchStack, endpoints: Endpoints, logs: Path,
-                 label: str) -> None:
+                 label: str, instance_settings: dict[str, str] | None = None) -> None:
         self.stack = stack
+        # Variables every product instance of the run gets (`--instance-setting`).
+        self.instance_settings = instance_settings or {}
         self.endpoints = endpoints
         self.logs = logs
         self.label = label
@@ -149,7 +151,7 @@ class ProductSystem:
             name=f"{deployment.name}-instance", kafka=deployment.context.endpoints
             .kafka_bootstrap_servers, database_url=deployment.database_url,
             prefix=deployment.prefix, http_port=self.http_port, logs=deployment.context.logs,
-            settings=self.settings,
+            settings={**deployment.context.instance_settings, **self.settings},
         )
         await processes.wait_http_ok(f"http://127.0.0.1:{self.http_port}/readyz",
                                      timeout=READY_SECONDS, process=self.process)
