@@ -644,13 +644,11 @@ class Instance:
         if outcome.ending is Ending.FENCED:
             log.warning("run ended: its lease was taken over", extra=fields)
         elif outcome.ending is Ending.STOPPED:
-            state = "deleted" if outcome.reason == "deleted" else "stopped"
-            await self.store.end_run(
+            await self.store.stop_run(
                 config_id,
                 run_id=run.run_id,
                 fence=run.fence,
-                state=state,
-                end_event=lambda _attempt: self._event(
+                event=self._event(
                     EVENT_STOPPED, config_id, run_id=run.run_id, fence=run.fence,
                     config_version=run.config.version, reason=outcome.reason,
                 ),
@@ -671,11 +669,10 @@ class Instance:
                 delays[attempt] = delay
                 return delay
 
-            await self.store.end_run(
+            await self.store.fail_run(
                 config_id,
                 run_id=run.run_id,
                 fence=run.fence,
-                state="backoff",
                 error=outcome.error,
                 retry_in=retry_delay,
                 end_event=lambda attempt: self._event(
@@ -698,7 +695,7 @@ class Instance:
         elif outcome.ending is Ending.FAILED:
             self.metrics.runs_ended.add(1, {"type": "failed", "reason": "none"})
         if outcome.ending is not Ending.FENCED:
-            # The lease went with the end, in its transaction (see `Store.end_run`).
+            # The lease went with the end, in its transaction (see `Store.stop_run`).
             self.relay.wake()
         if retry_in is not None:
             self.queue.add_after(config_id, retry_in)

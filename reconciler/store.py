@@ -524,45 +524,95 @@ class Store:
             timeout=self._timeout,
         )
 
-    async def end_run(
+    async def stop_run(self, config_id: str, *, run_id: str, fence: int, event: dict) -> bool:
+        """Record the end of one of our runs that stopped (not failed), once, with its
+        event, and give up its lease; False if the run was already ended.
+
+        One statement, so one round trip and one commit: the end, its event and the release
+        are written together, the event ahead of any successor's `started` in the outbox
+        (the relay sends in outbox order). The row's desired state now, not the one that
+        made the run stop, says what the config is: a tombstone followed by a new record
+        leaves it `stopped`, not `deleted`.
+        """
+        ended = await self._pool.fetchval(
+            """
+            WITH ended AS (
+                UPDATE pull_tasks SET
+                    state = CASE WHEN deleted THEN 'deleted' ELSE 'stopped' END,
+                    stopped_at = now(), last_error = NULL, retry_at = NULL,
+                    owner = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL ELSE owner END,
+                    owner_boot = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL
+                                      ELSE owner_boot END,
+                    lease_expires_at = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL
+                                            ELSE lease_expires_at END,
+                    updated_at = now()
+                WHERE config_id = $1 AND run_id = $2 AND fence = $3
+                  AND state IN ('starting', 'running', 'stopping')
+                RETURNING config_id, owner IS NULL AS released
+            ), recorded AS (
+                INSERT INTO lifecycle_outbox (config_id, event)
+                SELECT config_id, $6::jsonb FROM ended
+                RETURNING config_id
+            ), notified AS (
+                -- Sent when the transaction commits, if the lease was ours.
+                SELECT pg_notify($7, config_id) FROM ended WHERE released
+            )
+            SELECT count(*) FROM recorded, (SELECT count(*) FROM notified) AS n
+            """,
+            config_id,
+            run_id,
+            fence,
+            self._instance_id,
+            self._boot_id,
+            json.dumps(event),
+            LEASE_CHANNEL,
+            timeout=self._timeout,
+        )
+        if ended:
+            return True
+        # Already ended (by this instance before, or in the record by a successor): the
+        # lease, if this run still holds it, is given up all the same.
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await self._release(conn, config_id, run_id=run_id, fence=fence)
+        return False
+
+    async def fail_run(
         self,
         config_id: str,
         *,
         run_id: str,
         fence: int,
-        state: str,
+        error: str,
+        retry_in: Callable[[int], float],
         end_event: Callable[[int], dict],
-        error: str | None = None,
-        retry_in: Callable[[int], float] | None = None,
     ) -> bool:
-        """Record the end of one of our runs, once, and give up its lease; False if the run
-        was already ended.
+        """Record the failure of one of our runs, once, and give up its lease; False if the
+        run was already ended.
 
-        For a failed run, `retry_in(attempt)` gives the backoff delay; the attempt count
-        is the row's, raised by one. `end_event(attempt)` builds the end event. The end,
-        its event and the release commit together: the event is in the outbox ahead of any
-        successor's `started`, and the relay sends in outbox order.
+        `retry_in(attempt)` gives the backoff delay; the attempt count is the row's, raised
+        by one. `end_event(attempt)` builds the `failed` event. The end, its event and the
+        release commit together: the event is in the outbox ahead of any successor's
+        `started`, and the relay sends in outbox order.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn:
             async with conn.transaction():
-                ended = await self._record_end(
-                    conn, config_id, run_id=run_id, fence=fence, state=state,
-                    end_event=end_event, error=error, retry_in=retry_in,
+                ended = await self._record_failure(
+                    conn, config_id, run_id=run_id, fence=fence, end_event=end_event,
+                    error=error, retry_in=retry_in,
                 )
                 await self._release(conn, config_id, run_id=run_id, fence=fence)
                 return ended
 
-    async def _record_end(
+    async def _record_failure(
         self,
         conn: asyncpg.Connection,
         config_id: str,
         *,
         run_id: str,
         fence: int,
-        state: str,
         end_event: Callable[[int], dict],
-        error: str | None,
-        retry_in: Callable[[int], float] | None,
+        error: str,
+        retry_in: Callable[[int], float],
     ) -> bool:
         row = await conn.fetchrow(
             "SELECT attempts, enabled, deleted FROM pull_tasks WHERE config_id = $1"
@@ -574,22 +624,15 @@ class Store:
         )
         if row is None:
             return False
-        attempt = row["attempts"] + 1 if retry_in is not None else row["attempts"]
-        delay = retry_in(attempt) if retry_in is not None else None
-        # The row's desired state now, not the one that made the run stop, says what the
-        # config is: a tombstone followed by a new record leaves it `stopped`, not `deleted`.
-        if state == "backoff":
-            # A failed run of a config that was disabled or deleted meanwhile is not
-            # retried: its row says `failed`.
-            state = "backoff" if row["enabled"] and not row["deleted"] else "failed"
-        else:
-            state = "deleted" if row["deleted"] else "stopped"
+        attempt = row["attempts"] + 1
+        delay = retry_in(attempt)
+        # A failed run of a config that was disabled or deleted meanwhile is not retried:
+        # its row says `failed`.
+        state = "backoff" if row["enabled"] and not row["deleted"] else "failed"
         await conn.execute(
             """
             UPDATE pull_tasks SET state = $2, stopped_at = now(), last_error = $3,
-                attempts = $4,
-                retry_at = CASE WHEN $5::float8 IS NULL THEN NULL
-                                ELSE now() + make_interval(secs => $5) END,
+                attempts = $4, retry_at = now() + make_interval(secs => $5),
                 updated_at = now()
             WHERE config_id = $1
             """,

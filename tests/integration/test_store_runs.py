@@ -33,8 +33,8 @@ async def test_ending_a_run_records_its_end_and_event_and_wakes_whoever_waits_fo
         released = asyncio.Queue()
         await listener.add_listener(LEASE_CHANNEL, lambda *args: released.put_nowait(args[3]))
 
-        ended = await store.end_run("c1", run_id="run-1", fence=lease.fence, state="stopped",
-                                    end_event=lambda attempt: {"type": "stopped"})
+        ended = await store.stop_run("c1", run_id="run-1", fence=lease.fence,
+                                     event={"type": "stopped"})
 
         assert ended
         assert await asyncio.wait_for(released.get(), 5) == "c1"
@@ -48,9 +48,8 @@ async def test_ending_a_run_records_its_end_and_event_and_wakes_whoever_waits_fo
         assert [e["type"] for e in events] == ["started", "stopped"]
 
         # A second end of the same run records nothing and sends no event.
-        assert not await store.end_run("c1", run_id="run-1", fence=lease.fence,
-                                       state="stopped",
-                                       end_event=lambda attempt: {"type": "stopped"})
+        assert not await store.stop_run("c1", run_id="run-1", fence=lease.fence,
+                                        event={"type": "stopped"})
         assert await store.pool.fetchval("SELECT count(*) FROM lifecycle_outbox") == 2
     finally:
         await listener.close()
