@@ -71,6 +71,8 @@ T = TypeVar("T")
 BROKER_RECENTLY_SECONDS = 5.0
 # How long a shutdown waits for the group to be left before it ends the runs anyway.
 LEAVING_FIRST_SECONDS = 5.0
+# Ends of stopped runs recorded by one statement at most (a shutdown ends them all).
+STOPS_PER_STATEMENT = 2000
 
 
 def kafka_connection(settings: Settings) -> KafkaConnection:
@@ -627,8 +629,20 @@ class Instance:
                 await self.store.mark_stopping(config_id, run_id=run.run_id, fence=run.fence)
 
     async def _finish_runs(self, runs: list[Run]) -> None:
-        results = await asyncio.gather(*(self._finish_run(run) for run in runs),
-                                       return_exceptions=True)
+        """Record the ends of local runs whose tasks have ended: the stopped ones in
+        statements of up to `STOPS_PER_STATEMENT` (a shutdown ends every run at once), the
+        others one by one."""
+        assert self.supervisor is not None
+        stopped = [run for run in runs
+                   if self.supervisor.outcome_of(run).ending is Ending.STOPPED]
+        rest = [run for run in runs
+                if self.supervisor.outcome_of(run).ending is not Ending.STOPPED]
+        results = await asyncio.gather(
+            *(self._record_stops(stopped[first:first + STOPS_PER_STATEMENT])
+              for first in range(0, len(stopped), STOPS_PER_STATEMENT)),
+            *(self._finish_run(run) for run in rest),
+            return_exceptions=True,
+        )
         failed = [error for error in results if isinstance(error, Exception)]
         if failed:
             raise failed[0]
@@ -638,67 +652,72 @@ class Instance:
         assert self.store is not None and self.supervisor is not None and self.relay is not None
         config_id = run.config.id
         outcome = self.supervisor.outcome_of(run)
-        fields = {"config_id": config_id, "run_id": run.run_id, "instance_id": self.instance_id}
-        retry_in: float | None = None
-
-        if outcome.ending is Ending.FENCED:
-            log.warning("run ended: its lease was taken over", extra=fields)
-        elif outcome.ending is Ending.STOPPED:
-            await self.store.stop_run(
-                config_id,
-                run_id=run.run_id,
-                fence=run.fence,
-                event=self._event(
-                    EVENT_STOPPED, config_id, run_id=run.run_id, fence=run.fence,
-                    config_version=run.config.version, reason=outcome.reason,
-                ),
-            )
-            log.info("run stopped (%s)", outcome.reason, extra=fields)
-        else:
-            delays: dict[int, float] = {}
-
-            def retry_delay(attempt: int) -> float:
-                delay = backoff_delay(
-                    attempt,
-                    initial=self.settings.backoff_initial_seconds,
-                    cap=self.settings.backoff_max_seconds,
-                )
-                if outcome.retry_after is not None:
-                    delay = min(self.settings.backoff_max_seconds,
-                                max(delay, outcome.retry_after))
-                delays[attempt] = delay
-                return delay
-
-            await self.store.fail_run(
-                config_id,
-                run_id=run.run_id,
-                fence=run.fence,
-                error=outcome.error,
-                retry_in=retry_delay,
-                end_event=lambda attempt: self._event(
-                    EVENT_FAILED, config_id, run_id=run.run_id, fence=run.fence,
-                    config_version=run.config.version, error=outcome.error, attempt=attempt,
-                    retry_in_seconds=round(delays[attempt], 3),
-                ),
-            )
-            retry_in = next(iter(delays.values()), None)
-            log.warning(
-                "run failed: %s; next run in %.1f s", outcome.error, retry_in or 0.0,
-                extra=fields,
-            )
-
-        self.supervisor.remove(config_id)
         if outcome.ending is Ending.STOPPED:
-            self.metrics.runs_ended.add(1, {"type": "stopped", "reason": outcome.reason})
-            if outcome.reason == "lease-lost":
-                self.metrics.lease_losses.add(1)
-        elif outcome.ending is Ending.FAILED:
-            self.metrics.runs_ended.add(1, {"type": "failed", "reason": "none"})
-        if outcome.ending is not Ending.FENCED:
-            # The lease went with the end, in its transaction (see `Store.stop_run`).
-            self.relay.wake()
+            await self._record_stops([run])
+            return
+        if outcome.ending is Ending.FENCED:
+            log.warning("run ended: its lease was taken over",
+                        extra={"config_id": config_id, "run_id": run.run_id,
+                               "instance_id": self.instance_id})
+            self.supervisor.remove(config_id)
+            return
+        delays: dict[int, float] = {}
+
+        def retry_delay(attempt: int) -> float:
+            delay = backoff_delay(
+                attempt,
+                initial=self.settings.backoff_initial_seconds,
+                cap=self.settings.backoff_max_seconds,
+            )
+            if outcome.retry_after is not None:
+                delay = min(self.settings.backoff_max_seconds, max(delay, outcome.retry_after))
+            delays[attempt] = delay
+            return delay
+
+        await self.store.fail_run(
+            config_id,
+            run_id=run.run_id,
+            fence=run.fence,
+            error=outcome.error,
+            retry_in=retry_delay,
+            end_event=lambda attempt: self._event(
+                EVENT_FAILED, config_id, run_id=run.run_id, fence=run.fence,
+                config_version=run.config.version, error=outcome.error, attempt=attempt,
+                retry_in_seconds=round(delays[attempt], 3),
+            ),
+        )
+        retry_in = next(iter(delays.values()), None)
+        log.warning("run failed: %s; next run in %.1f s", outcome.error, retry_in or 0.0,
+                    extra={"config_id": config_id, "run_id": run.run_id,
+                           "instance_id": self.instance_id})
+        self.supervisor.remove(config_id)
+        self.metrics.runs_ended.add(1, {"type": "failed", "reason": "none"})
+        # The lease went with the end, in its transaction (see `Store.fail_run`).
+        self.relay.wake()
         if retry_in is not None:
             self.queue.add_after(config_id, retry_in)
+
+    async def _record_stops(self, runs: list[Run]) -> None:
+        """Record the ends of stopped local runs in one statement (see `Store.stop_runs`)."""
+        assert self.store is not None and self.supervisor is not None and self.relay is not None
+        reasons = {run.config.id: self.supervisor.outcome_of(run).reason for run in runs}
+        await self.store.stop_runs([
+            (run.config.id, run.run_id, run.fence,
+             self._event(EVENT_STOPPED, run.config.id, run_id=run.run_id, fence=run.fence,
+                         config_version=run.config.version, reason=reasons[run.config.id]))
+            for run in runs
+        ])
+        for run in runs:
+            reason = reasons[run.config.id]
+            self.supervisor.remove(run.config.id)
+            log.info("run stopped (%s)", reason,
+                     extra={"config_id": run.config.id, "run_id": run.run_id,
+                            "instance_id": self.instance_id})
+            self.metrics.runs_ended.add(1, {"type": "stopped", "reason": reason})
+            if reason == "lease-lost":
+                self.metrics.lease_losses.add(1)
+        # The leases went with the ends, in their statement.
+        self.relay.wake()
 
     async def _end_expired(self, config_id: str) -> None:
         assert self.store is not None and self.relay is not None

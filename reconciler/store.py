@@ -524,57 +524,72 @@ class Store:
             timeout=self._timeout,
         )
 
-    async def stop_run(self, config_id: str, *, run_id: str, fence: int, event: dict) -> bool:
-        """Record the end of one of our runs that stopped (not failed), once, with its
-        event, and give up its lease; False if the run was already ended.
+    async def stop_runs(self, runs: list[tuple[str, str, int, dict]]) -> set[str]:
+        """Record the ends of runs of ours that stopped (not failed), each once, with its
+        event, and give up their leases; returns the config ids whose run was still open.
 
-        One statement, so one round trip and one commit: the end, its event and the release
-        are written together, the event ahead of any successor's `started` in the outbox
-        (the relay sends in outbox order). The row's desired state now, not the one that
-        made the run stop, says what the config is: a tombstone followed by a new record
-        leaves it `stopped`, not `deleted`.
+        `runs` holds (config id, run id, fencing number, `stopped` event). One statement,
+        so one round trip and one commit for all: each end, its event and its release are
+        written together, the event ahead of any successor's `started` in the outbox (the
+        relay sends in outbox order). The row's desired state now, not the one that made
+        the run stop, says what the config is: a tombstone followed by a new record leaves
+        it `stopped`, not `deleted`. Rows are locked in config id order, as every
+        statement that locks many.
         """
-        ended = await self._pool.fetchval(
+        if not runs:
+            return set()
+        ids, run_ids, fences, events = zip(*runs)
+        rows = await self._pool.fetch(
             """
-            WITH ended AS (
-                UPDATE pull_tasks SET
-                    state = CASE WHEN deleted THEN 'deleted' ELSE 'stopped' END,
+            WITH open AS (
+                SELECT t.config_id, r.event FROM pull_tasks t
+                JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+                    AS r(config_id, run_id, fence, event)
+                  ON t.config_id = r.config_id
+                WHERE t.run_id = r.run_id AND t.fence = r.fence
+                  AND t.state IN ('starting', 'running', 'stopping')
+                ORDER BY t.config_id
+                FOR UPDATE OF t
+            ), ended AS (
+                UPDATE pull_tasks t SET
+                    state = CASE WHEN t.deleted THEN 'deleted' ELSE 'stopped' END,
                     stopped_at = now(), last_error = NULL, retry_at = NULL,
-                    owner = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL ELSE owner END,
-                    owner_boot = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL
-                                      ELSE owner_boot END,
-                    lease_expires_at = CASE WHEN owner = $4 AND owner_boot = $5 THEN NULL
-                                            ELSE lease_expires_at END,
+                    owner = CASE WHEN t.owner = $5 AND t.owner_boot = $6 THEN NULL
+                                 ELSE t.owner END,
+                    owner_boot = CASE WHEN t.owner = $5 AND t.owner_boot = $6 THEN NULL
+                                      ELSE t.owner_boot END,
+                    lease_expires_at = CASE WHEN t.owner = $5 AND t.owner_boot = $6 THEN NULL
+                                            ELSE t.lease_expires_at END,
                     updated_at = now()
-                WHERE config_id = $1 AND run_id = $2 AND fence = $3
-                  AND state IN ('starting', 'running', 'stopping')
-                RETURNING config_id, owner IS NULL AS released
+                FROM open WHERE t.config_id = open.config_id
+                RETURNING t.config_id, open.event, t.owner IS NULL AS released
             ), recorded AS (
                 INSERT INTO lifecycle_outbox (config_id, event)
-                SELECT config_id, $6::jsonb FROM ended
+                SELECT config_id, event::jsonb FROM ended ORDER BY config_id
                 RETURNING config_id
             ), notified AS (
-                -- Sent when the transaction commits, if the lease was ours.
+                -- Sent when the transaction commits, for the leases that were ours.
                 SELECT pg_notify($7, config_id) FROM ended WHERE released
             )
-            SELECT count(*) FROM recorded, (SELECT count(*) FROM notified) AS n
+            SELECT config_id FROM recorded, (SELECT count(*) FROM notified) AS n
             """,
-            config_id,
-            run_id,
-            fence,
+            list(ids),
+            list(run_ids),
+            list(fences),
+            [json.dumps(event) for event in events],
             self._instance_id,
             self._boot_id,
-            json.dumps(event),
             LEASE_CHANNEL,
             timeout=self._timeout,
         )
-        if ended:
-            return True
-        # Already ended (by this instance before, or in the record by a successor): the
-        # lease, if this run still holds it, is given up all the same.
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            await self._release(conn, config_id, run_id=run_id, fence=fence)
-        return False
+        ended = {row["config_id"] for row in rows}
+        # Already ended (by this instance before, or in the record by a successor): a lease
+        # such a run still holds is given up all the same.
+        for config_id, run_id, fence, _ in runs:
+            if config_id not in ended:
+                async with self._pool.acquire(timeout=self._timeout) as conn:
+                    await self._release(conn, config_id, run_id=run_id, fence=fence)
+        return ended
 
     async def fail_run(
         self,
