@@ -333,10 +333,11 @@ async def _changed_record(
         row = None
     finally:
         await conn.close()
+    named = config_id if len(config_id) <= 80 else f"{config_id[:79]}…"
     if row is None or row["config"] is None:
-        raise BadInput(f"config {config_id} is not known (no desired state in the database)")
+        raise BadInput(f"config {named} is not known (no desired state in the database)")
     if row["deleted"]:
-        raise BadInput(f"config {config_id} is deleted; publish it again with `config put`")
+        raise BadInput(f"config {named} is deleted; publish it again with `config put`")
     current = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
     if change == "delete":
         return config_id, None
@@ -504,14 +505,18 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
         await consumer.stop()
 
 
-def _event_time(value: bytes) -> str:
+def _event_time(value: bytes | None) -> str:
     try:
         return str(json.loads(value).get("time", ""))
-    except (ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError):
         return ""
 
 
-def _print_event(value: bytes, decode: Callable[[bytes], dict], as_json: bool) -> None:
+def _print_event(value: bytes | None, decode: Callable[[bytes], dict], as_json: bool) -> None:
+    if value is None:
+        err.print("skipping a record that is not a lifecycle event: it has no value",
+                  markup=False)
+        return
     try:
         event = decode(value)
     except ValueError as error:
@@ -613,7 +618,7 @@ def demo() -> None:
 
 @main.command("sample-source")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8900, show_default=True, type=int)
+@click.option("--port", default=8900, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--rate", default=2.0, show_default=True, type=float,
               help="Orders per second per channel and product.")
 def sample_source(host: str, port: int, rate: float) -> None:

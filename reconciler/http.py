@@ -53,7 +53,7 @@ class HttpEndpoints:
             raise EndpointsUnavailable(
                 f"cannot serve the HTTP endpoints on {self._host}:{self._port}: "
                 f"{error.strerror or error}; each instance on a host needs its own "
-                f"RECONCILER_HTTP_PORT (0 picks a free one)"
+                f"RECONCILER_HTTP_PORT (0 serves no endpoints)"
             ) from None
         log.info("serving /healthz, /readyz and /metrics on %s:%d", self._host, self._port)
 

@@ -71,6 +71,8 @@ T = TypeVar("T")
 BROKER_RECENTLY_SECONDS = 5.0
 # How long a shutdown waits for the group to be left before it ends the runs anyway.
 LEAVING_FIRST_SECONDS = 5.0
+# The longest reason a DLQ record's `error` header and the log give.
+MAX_REASON_CHARS = 1000
 # Ends of stopped runs recorded by one statement at most (a shutdown ends them all).
 STOPS_PER_STATEMENT = 2000
 
@@ -309,10 +311,12 @@ class Instance:
     async def _handle_record(self, record: ConfigRecord) -> None:
         undecodable = undecodable_header_names(record.headers)
         if undecodable:
+            named = ", ".join(_shortened(name, 64) for name in undecodable[:3])
+            more = f" and {len(undecodable) - 3} more" if len(undecodable) > 3 else ""
             await self._dead_letter(
                 record,
-                f"header name {', '.join(undecodable)} is not UTF-8 text, which Kafka "
-                "requires of header names; the record was not parsed",
+                f"header name {named}{more} is not UTF-8 text, which Kafka requires of "
+                "header names; the record was not parsed",
             )
             return
         size = record_size(record)
@@ -359,6 +363,10 @@ class Instance:
 
     async def _dead_letter(self, record: ConfigRecord, reason: str) -> None:
         assert self.publisher is not None
+        # Reasons quote what the record holds; a hostile record must not make the reason
+        # (and the log line) as large as itself.
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS - 1] + "…"
         log.warning(
             "record sent to the DLQ: %s",
             reason,
@@ -393,6 +401,8 @@ class Instance:
                 return
             except MessageSizeTooLargeError:
                 continue
+        log.error("the DLQ copy of the record at offset %d of partition %d was refused as too "
+                  "large even cut down; it is not in the DLQ", record.offset, record.partition)
 
     async def _partitions_assigned(self, partitions: set[int], generation: int) -> None:
         if self._stopping:
@@ -1017,6 +1027,10 @@ class ShutdownBudget:
 def _retrieved(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def record_size(record: ConfigRecord) -> int:

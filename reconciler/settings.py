@@ -30,7 +30,9 @@ def default_instance_id() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # No setting is infinite or not a number.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True,
+                                      allow_inf_nan=False)
 
     kafka_bootstrap_servers: str = Field(LOCAL_KAFKA, alias="KAFKA_BOOTSTRAP_SERVERS")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -44,7 +46,9 @@ class Settings(BaseSettings):
     database_url: str = Field(LOCAL_DATABASE_URL, alias="DATABASE_URL", repr=False)
 
     instance_id: str = Field(default_factory=default_instance_id, alias="RECONCILER_INSTANCE_ID")
-    topic_prefix: str = Field("pull", alias="RECONCILER_TOPIC_PREFIX", pattern=r"^[A-Za-z0-9._-]+$")
+    # Kafka topic names are at most 249 characters; the longest is `<prefix>.configs.dlq`.
+    topic_prefix: str = Field("pull", alias="RECONCILER_TOPIC_PREFIX",
+                              pattern=r"^[A-Za-z0-9._-]+$", max_length=237)
     group_id_setting: str | None = Field(None, alias="RECONCILER_GROUP_ID")
     config_partitions: int = Field(12, alias="RECONCILER_CONFIG_PARTITIONS", ge=1, le=10_000)
     max_record_bytes: int = Field(65536, alias="RECONCILER_MAX_RECORD_BYTES", ge=1)
@@ -104,10 +108,13 @@ class Settings(BaseSettings):
     reconcile_workers: int = Field(8, alias="RECONCILER_WORKERS", ge=1, le=256)
     db_pool_size: int = Field(10, alias="RECONCILER_DB_POOL_SIZE", ge=2)
     db_timeout_seconds: float = Field(10.0, alias="RECONCILER_DB_TIMEOUT_SECONDS", gt=0)
+    # Within the broker's default bounds (group.min.session.timeout.ms 6 s,
+    # group.max.session.timeout.ms 30 min): outside them the broker refuses every join.
     kafka_session_timeout_seconds: float = Field(
-        10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS"
+        10.0, alias="RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS", ge=6.0, le=1800.0
     )
-    kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS")
+    kafka_heartbeat_seconds: float = Field(3.0, alias="RECONCILER_KAFKA_HEARTBEAT_SECONDS",
+                                           gt=0)
     otel_service_name: str = Field("reconciler", alias="OTEL_SERVICE_NAME")
     otel_exporter_otlp_endpoint: str | None = Field(None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
     otel_metrics_exporter: str | None = Field(None, alias="OTEL_METRICS_EXPORTER")
@@ -122,6 +129,14 @@ class Settings(BaseSettings):
     static_member_id: str | None = Field(None, alias="RECONCILER_STATIC_MEMBER_ID")
     log_format: Literal["text", "json"] = Field("text", alias="RECONCILER_LOG_FORMAT")
     log_level: str = Field("INFO", alias="RECONCILER_LOG_LEVEL")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_known(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
 
     @field_validator("database_url")
     @classmethod

@@ -80,7 +80,7 @@ class Deployment:
             self.connection, self.topics, config_partitions=self.settings.config_partitions
         )
         await self.publisher.start()
-        self._follow(self.topics.task_events, lambda r: self.events.append(
+        self._follow(self.topics.task_events, lambda r: r.value is None or self.events.append(
             decode_lifecycle_event(r.value)))
         self._follow(self.topics.orders, self.orders.append)
         self._follow(self.topics.dlq, self.dlq.append)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from streams.publisher import OutgoingRecord
 from tests.integration.harness import Deployment, wait_for
 
 pytestmark = pytest.mark.integration
@@ -145,6 +146,22 @@ async def test_status_json_and_events_show_the_running_config(deployment: Deploy
     assert events.returncode == 0
     types = [json.loads(line)["type"] for line in events.stdout.splitlines()]
     assert types == ["pull.task.started"]
+
+
+async def test_events_skips_a_record_without_a_value_and_shows_the_rest(
+    deployment: Deployment,
+) -> None:
+    await deployment.start_instance()
+    await deployment.publisher.send(deployment.topics.task_events,
+                                    OutgoingRecord(key=b"junk", value=None, headers=[]))
+    await deployment.put("a", interval=0.5)
+    await wait_for(lambda: deployment.events_of("a", "started"), timeout=15, what="start")
+
+    for arguments in (("events",), ("events", "--json")):
+        events = await cli(deployment, *arguments)
+        assert events.returncode == 0, events.stderr
+        assert "skipping a record that is not a lifecycle event: it has no value" in events.stderr
+        assert "started" in events.stdout
 
 
 async def test_events_says_so_when_there_are_none_yet(deployment: Deployment) -> None:

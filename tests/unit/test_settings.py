@@ -21,3 +21,25 @@ def test_bootstrap_servers_that_name_no_broker_are_refused(servers, monkeypatch)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers)
     with pytest.raises(ValidationError, match="KAFKA_BOOTSTRAP_SERVERS must be host"):
         Settings()
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS", "3"),
+    ("RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS", "-1"),
+    ("RECONCILER_LEASE_SECONDS", "inf"),
+    ("RECONCILER_BACKOFF_MAX_SECONDS", "nan"),
+    ("RECONCILER_LOG_LEVEL", "LOUD"),
+    ("RECONCILER_TOPIC_PREFIX", "p" * 238),
+])
+def test_settings_that_cannot_work_are_refused_naming_the_variable(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert name in str(error.value)
+
+
+def test_a_log_level_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECONCILER_LOG_LEVEL", "debug")
+    assert Settings().log_level == "DEBUG"
