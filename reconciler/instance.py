@@ -931,7 +931,7 @@ class Instance:
                             " ".join(str(error).split()))
                 continue
             for config_id in set(ids) | set(self.supervisor.runs):
-                self.queue.add(config_id)
+                self.queue.add_background(config_id)
 
     # ---- metrics and health --------------------------------------------------------------
 

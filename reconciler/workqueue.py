@@ -7,7 +7,10 @@ Records only say *which* config to look at, so the queue holds config ids, not r
 - an id added while a worker holds it is queued again when that worker calls `done`,
   so the change that arrived meanwhile is reconciled too;
 - `add_after` schedules an id for later (backoff, waiting for a lease); an earlier `add`
-  wins over a later scheduled one.
+  wins over a later scheduled one;
+- `add_background` queues an id behind every id added with `add` (the periodic resync,
+  which re-checks every config: a change that arrives meanwhile must not wait behind
+  thousands of re-checks); an `add` of an id waiting in the background moves it forward.
 
 It imports neither Kafka nor PostgreSQL and runs on one event loop, so it is tested with
 plain asyncio in microseconds.
@@ -28,6 +31,7 @@ class QueueShutDown(Exception):
 class KeyedWorkQueue:
     def __init__(self) -> None:
         self._ready: OrderedDict[str, None] = OrderedDict()
+        self._background: OrderedDict[str, None] = OrderedDict()
         self._processing: set[str] = set()
         self._dirty: set[str] = set()
         self._delayed: list[tuple[float, int, str]] = []
@@ -38,7 +42,7 @@ class KeyedWorkQueue:
         self._shut_down = False
 
     def __len__(self) -> int:
-        return len(self._ready)
+        return len(self._ready) + len(self._background)
 
     @property
     def processing(self) -> frozenset[str]:
@@ -51,9 +55,19 @@ class KeyedWorkQueue:
             self._dirty.add(key)
             return
         self._delayed_due.pop(key, None)
+        self._background.pop(key, None)
         if key not in self._ready:
             self._ready[key] = None
             self._wakeup.set()
+
+    def add_background(self, key: str) -> None:
+        """Queue the id behind everything `add` queues; nothing if it waits or is being
+        processed already."""
+        if (self._shut_down or key in self._processing or key in self._ready
+                or key in self._background):
+            return
+        self._background[key] = None
+        self._wakeup.set()
 
     def add_after(self, key: str, delay: float) -> None:
         if delay <= 0:
@@ -75,8 +89,9 @@ class KeyedWorkQueue:
         while True:
             if self._shut_down:
                 raise QueueShutDown
-            if self._ready:
-                key, _ = self._ready.popitem(last=False)
+            queued = self._ready or self._background
+            if queued:
+                key, _ = queued.popitem(last=False)
                 self._processing.add(key)
                 return key
             self._wakeup.clear()

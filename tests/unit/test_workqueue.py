@@ -76,6 +76,30 @@ async def test_distinct_ids_are_handed_out_in_the_order_they_were_first_added(qu
     assert handed_out == ["c", "a", "b", "d"]
 
 
+async def test_background_ids_wait_behind_every_added_one_and_an_add_moves_one_forward(queue):
+    for key in ["r1", "r2", "r3"]:
+        queue.add_background(key)
+    queue.add_background("r1")
+    queue.add("change")
+    queue.add("r3")
+    assert len(queue) == 4
+
+    handed_out = [await next_id(queue) for _ in range(4)]
+
+    assert handed_out == ["change", "r3", "r1", "r2"]
+
+
+async def test_a_background_id_that_waits_or_is_processing_is_not_queued_again(queue):
+    queue.add("a")
+    queue.add_background("a")
+    assert len(queue) == 1
+    key = await next_id(queue)
+    queue.add_background("a")
+    assert len(queue) == 0
+    queue.done(key)
+    assert len(queue) == 0
+
+
 async def test_an_id_is_never_handed_to_a_second_worker_while_the_first_holds_it(queue):
     queue.add("a")
     first = await next_id(queue)
