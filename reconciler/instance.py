@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -356,6 +357,9 @@ class Instance:
                 extra={"config_id": decoded.id, "partition": record.partition,
                        "offset": record.offset},
             )
+            # The row may hold this very change, written by the partition's previous owner
+            # after this instance's claim looked at the row: look at the config all the same.
+            self.queue.add(decoded.id)
         else:
             # The reconcile this record asks for continues the record's trace.
             self._triggers[decoded.id] = trace.get_current_span().get_span_context()
@@ -508,6 +512,7 @@ class Instance:
                 decision.action in (Action.START, Action.STOP, Action.RESTART)
                 and row is not None
                 and row.record_age is not None
+                and math.isfinite(row.record_age)
             ):
                 self.metrics.action_lag.record(max(0.0, row.record_age))
             await self._act(config_id, decision, row)
