@@ -31,10 +31,6 @@ ACTIVE_STATES = ("starting", "running", "stopping")
 
 # NOTIFY channel on which a released lease announces its config id.
 LEASE_CHANNEL = "reconciler_lease_released"
-# A session that sits inside a transaction longer than this is ended by PostgreSQL, with
-# its row locks: an instance frozen (or cut off) in the middle of a transaction must not
-# hold the rows its successors take over when its leases expire (10 s by default).
-IDLE_IN_TRANSACTION_SECONDS = 5.0
 
 MIGRATIONS: list[str] = [
     """
@@ -212,8 +208,6 @@ class Store:
         options = dict(
             min_size=1, max_size=pool_size, command_timeout=timeout, timeout=timeout,
             connection_class=_PooledConnection, reset=_reset_session,
-            server_settings={"idle_in_transaction_session_timeout":
-                             f"{int(IDLE_IN_TRANSACTION_SECONDS * 1000)}ms"},
         )
         pool = await asyncpg.create_pool(dsn, **options)
         try:
