@@ -321,7 +321,7 @@ async def _changed_record(
 ) -> tuple[str, bytes | None]:
     import asyncpg
 
-    from streams.configs import MAX_VERSION, config_from_json_dict
+    from streams.configs import MAX_VERSION, config_from_json_dict, shorten
 
     conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
     try:
@@ -333,7 +333,7 @@ async def _changed_record(
         row = None
     finally:
         await conn.close()
-    named = config_id if len(config_id) <= 80 else f"{config_id[:79]}…"
+    named = shorten(config_id, 80)
     if row is None or row["config"] is None:
         raise BadInput(f"config {named} is not known (no desired state in the database)")
     if row["deleted"]:

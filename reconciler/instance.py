@@ -37,7 +37,7 @@ from opentelemetry.propagate import inject
 
 from streams.config_stream import ConfigRecord, ConfigStream, find_unreadable
 from streams.lenient_records import printable_header_name, undecodable_header_names
-from streams.configs import Config, InvalidRecord, decode_config_record
+from streams.configs import Config, InvalidRecord, decode_config_record, shorten
 from streams.connection import KafkaConnection
 from streams.lifecycle import EVENT_FAILED, EVENT_STARTED, EVENT_STOPPED, lifecycle_event
 from streams.publisher import OutgoingRecord, Publisher
@@ -72,7 +72,8 @@ T = TypeVar("T")
 BROKER_RECENTLY_SECONDS = 5.0
 # How long a shutdown waits for the group to be left before it ends the runs anyway.
 LEAVING_FIRST_SECONDS = 5.0
-# The longest reason a DLQ record's `error` header and the log give.
+# The longest reason a DLQ record's `error` header and the log quote whole (longer ones are
+# cut, saying how long they were).
 MAX_REASON_CHARS = 1000
 # Ends of stopped runs recorded by one statement at most (a shutdown ends them all).
 STOPS_PER_STATEMENT = 2000
@@ -312,7 +313,7 @@ class Instance:
     async def _handle_record(self, record: ConfigRecord) -> None:
         undecodable = undecodable_header_names(record.headers)
         if undecodable:
-            named = ", ".join(_shortened(name, 64) for name in undecodable[:3])
+            named = ", ".join(shorten(name, 64) for name in undecodable[:3])
             more = f" and {len(undecodable) - 3} more" if len(undecodable) > 3 else ""
             await self._dead_letter(
                 record,
@@ -369,8 +370,7 @@ class Instance:
         assert self.publisher is not None
         # Reasons quote what the record holds; a hostile record must not make the reason
         # (and the log line) as large as itself.
-        if len(reason) > MAX_REASON_CHARS:
-            reason = reason[:MAX_REASON_CHARS - 1] + "…"
+        reason = shorten(reason, MAX_REASON_CHARS)
         log.warning(
             "record sent to the DLQ: %s",
             reason,
@@ -648,10 +648,11 @@ class Instance:
         statements of up to `STOPS_PER_STATEMENT` (a shutdown ends every run at once), the
         others one by one."""
         assert self.supervisor is not None
-        stopped = [run for run in runs
-                   if self.supervisor.outcome_of(run).ending is Ending.STOPPED]
-        rest = [run for run in runs
-                if self.supervisor.outcome_of(run).ending is not Ending.STOPPED]
+        stopped: list[Run] = []
+        rest: list[Run] = []
+        for run in runs:
+            stopped_run = self.supervisor.outcome_of(run).ending is Ending.STOPPED
+            (stopped if stopped_run else rest).append(run)
         results = await asyncio.gather(
             *(self._record_stops(stopped[first:first + STOPS_PER_STATEMENT])
               for first in range(0, len(stopped), STOPS_PER_STATEMENT)),
@@ -1032,10 +1033,6 @@ class ShutdownBudget:
 def _retrieved(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _shortened(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def record_size(record: ConfigRecord) -> int:

@@ -386,7 +386,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _finite_float(token: str) -> float:
     number = float(token)
     if math.isinf(number):
-        raise _Rejected(f"number {_shorten(token)} is too large for a float")
+        raise _Rejected(f"number {shorten(token)} is too large for a float")
     return number
 
 
@@ -709,7 +709,7 @@ def _kind(value: Any) -> str:
         # Too long to show, and Python refuses to print integers of over 4300 digits.
         return "an integer of over 300 digits"
     if isinstance(value, (int, float)):
-        return _shorten(json.dumps(value))
+        return shorten(json.dumps(value))
     if isinstance(value, str):
         return f"the string {_quote(value)}"
     if isinstance(value, list):
@@ -729,10 +729,12 @@ def _quote(text: str) -> str:
     return f"'{escaped}…' ({len(text)} characters)"
 
 
-def _shorten(text: str) -> str:
-    if len(text) <= _SHOWN_CHARS:
+def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """The text, or its first `limit` characters and how long it was: for quoting what a
+    record holds in a reason or a log line."""
+    if len(text) <= limit:
         return text
-    return f"{text[:_SHOWN_CHARS]}… ({len(text)} characters)"
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _where_in_document(index: int | None, entry: Any) -> str:
