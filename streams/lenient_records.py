@@ -56,7 +56,8 @@ def printable_header_name(name: str) -> str:
 class LenientMemoryRecords:
     """aiokafka's record set over one fetched partition's bytes, walked twice in step: by
     the fast reader, whose batches are handed out, and by the pure-Python one, used only
-    to cut the bytes into batches, each kept for a lenient second reading."""
+    to cut the bytes into slices (no batch is built of them), each kept for a lenient
+    second reading."""
 
     def __init__(self, data: bytes) -> None:
         self._fast = MemoryRecords(data)
@@ -71,7 +72,7 @@ class LenientMemoryRecords:
     def next_batch(self):
         batch = self._fast.next_batch()
         piece = self._slices._next_slice  # this batch's bytes
-        self._slices.next_batch()
+        self._slices._cache_next()  # on to the next slice, without building a batch of it
         if piece is not None and piece[_MemoryRecordsPy.MAGIC_OFFSET] >= 2:
             return LenientBatch(batch, piece)
         return batch  # the old formats carry no headers
