@@ -52,4 +52,4 @@ bench: $(BENCH_STAMP)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean: down
-	rm -rf $(VENV) .stack
+	rm -rf $(VENV) .stack .stack-secure-* .stack-bench

@@ -228,7 +228,8 @@ async def run_demo(settings: Settings, *, console: Console) -> bool:
 
     console.print(f"demo took {time.monotonic() - began:.1f} s")
     if local_stack:
-        console.print("the local stack keeps running; [bold]reconciler dev down[/] stops it")
+        console.print("the local stack keeps running; [bold]make down[/] (or "
+                      "[bold].venv/bin/reconciler dev down[/]) stops it")
     return passed
 
 
