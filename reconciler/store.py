@@ -13,12 +13,13 @@ change they report; `reconciler.outbox` sends them to Kafka and deletes them onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import asyncpg
 
@@ -31,6 +32,12 @@ ACTIVE_STATES = ("starting", "running", "stopping")
 
 # NOTIFY channel on which a released lease announces its config id.
 LEASE_CHANNEL = "reconciler_lease_released"
+# A session idle inside one of the store's transactions longer than this is ended by
+# PostgreSQL, and its row locks with it: an instance frozen (or cut off) between two
+# statements must not hold the rows its successors take over once its leases expire (after
+# 10 s by default). A healthy instance sends a transaction's next statement within
+# milliseconds. Set per transaction, not per session: single statements need no bound.
+IDLE_IN_TRANSACTION_SECONDS = 10.0
 
 MIGRATIONS: list[str] = [
     """
@@ -118,6 +125,16 @@ async def _reset_session(conn: _PooledConnection) -> None:
     if conn.listened:
         await conn.execute("UNLISTEN *")
         conn.listened = False
+
+
+@contextlib.asynccontextmanager
+async def _bounded_transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction PostgreSQL ends if its session idles in it past
+    `IDLE_IN_TRANSACTION_SECONDS`."""
+    async with conn.transaction():
+        await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+                           f"{int(IDLE_IN_TRANSACTION_SECONDS * 1000)}ms")
+        yield
 
 
 class Fenced(Exception):
@@ -234,7 +251,7 @@ class Store:
     async def migrate(self) -> None:
         """Bring the schema up to date; safe when several instances start at once."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
+            async with _bounded_transaction(conn):
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS reconciler_schema (version integer NOT NULL)"
@@ -313,7 +330,7 @@ class Store:
         if not batch:
             return []
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
+            async with _bounded_transaction(conn):
                 rows = await conn.fetch(
                     "SELECT config_id, config, config_version, deleted, enabled,"
                     " source_partition, source_offset FROM pull_tasks"
@@ -610,7 +627,7 @@ class Store:
         `started`, and the relay sends in outbox order.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
+            async with _bounded_transaction(conn):
                 ended = await self._record_failure(
                     conn, config_id, run_id=run_id, fence=fence, end_event=end_event,
                     error=error, retry_in=retry_in,
@@ -668,7 +685,7 @@ class Store:
         `end_event(run_id, owner, fence, config_version)` builds the `stopped` event.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            async with conn.transaction():
+            async with _bounded_transaction(conn):
                 row = await conn.fetchrow(
                     """
                     SELECT run_id, owner, fence, config_version FROM pull_tasks
