@@ -31,6 +31,7 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from streams import lenient_records
 from streams.connection import KafkaConnection
@@ -80,6 +81,7 @@ class ConfigStream:
         # A record with a header name that is not UTF-8 is handed on (and refused there),
         # not left to stop the stream.
         lenient_records.install()
+        _read_committed_records_only()
         self.app = faust.App(
             group_id,
             broker=connection.faust_broker(),
@@ -204,6 +206,26 @@ class ConfigStream:
             pass
         finally:
             await admin.close()
+
+
+def _read_committed_records_only() -> None:
+    """Make faust's consumer read committed records only; idempotent.
+
+    faust reads committed records only under its exactly-once guarantee, which would also
+    make its own commits transactional. The configs stream wants only the reading: a record
+    a publisher's aborted transaction wrote is not a config change.
+    """
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(create, "reads_committed", False):
+        return
+
+    def create_worker_consumer(thread: AIOKafkaConsumerThread, transport: object):
+        consumer = create(thread, transport)
+        consumer._isolation_level = "read_committed"  # read by `start`, which follows
+        return consumer
+
+    create_worker_consumer.reads_committed = True
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,3 +83,27 @@ async def test_a_record_with_a_timestamp_no_date_can_hold_is_applied_and_so_are_
                        what=f"{config_id} starting")
     assert deployment.dlq == []
 
+
+async def test_a_config_written_by_an_aborted_transaction_is_not_applied(
+    deployment: Deployment,
+) -> None:
+    await deployment.start_instance()
+    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers,
+                                transactional_id=f"{deployment.settings.group_id}.publisher")
+    await producer.start()
+    try:
+        for config_id, commit in (("aborted", False), ("committed", True)):
+            doc = deployment.doc(config_id, interval=5.0)
+            await producer.begin_transaction()
+            await producer.send_and_wait(deployment.topics.configs, key=config_id.encode(),
+                                         value=json.dumps(doc).encode(), partition=0)
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    await wait_for(lambda: deployment.events_of("committed", "started"), timeout=20,
+                   what="the committed config starting")
+    assert await deployment.row("aborted") is None
+    assert deployment.events_of("aborted") == []
