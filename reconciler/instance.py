@@ -260,7 +260,8 @@ class Instance:
             for worker in self._workers:
                 worker.cancel()
         if self.supervisor is not None:
-            await self.supervisor.cancel_all(reason="shutdown")
+            await self.supervisor.cancel_all(
+                reason="shutdown", timeout=budget.allow(self.settings.stop_timeout_seconds))
             # All ends at once, under one bound: with the database unreachable, one bound per
             # run would hold the shutdown for minutes. An end not recorded here is recorded
             # by the next owner (`lease-expired`).
@@ -269,7 +270,10 @@ class Instance:
                 await budget.spend(self._finish_runs(ended), 10.0,
                                    f"recording the ends of {len(ended)} runs")
         if self.relay is not None and self.store is not None:
-            await self.relay.wait_until_sent(timeout=budget.allow(5.0))
+            # Its own timeout is checked between queries; a query to a database that stopped
+            # answering waits for the database timeout, so the budget bounds it as well.
+            await budget.spend(self.relay.wait_until_sent(timeout=budget.allow(5.0)), 5.0,
+                               "sending the last lifecycle events")
         if self.store is not None:
             await budget.spend(
                 self.store.heartbeat(partitions=[], runs=0, stopped=True), 5.0,

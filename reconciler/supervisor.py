@@ -261,8 +261,9 @@ class Supervisor:
         run.revoke()
         run.task.cancel()
 
-    async def cancel_all(self, *, reason: str) -> None:
-        """For shutdown: cancel every loop and wait, bounded, for all of them to end."""
+    async def cancel_all(self, *, reason: str, timeout: float | None = None) -> None:
+        """For shutdown: cancel every loop and wait, bounded (by the stop timeout, or
+        `timeout` if given), for all of them to end."""
         tasks = []
         for run in self.runs.values():
             if run.stop_reason is None:
@@ -270,4 +271,4 @@ class Supervisor:
             run.task.cancel()
             tasks.append(run.task)
         if tasks:
-            await asyncio.wait(tasks, timeout=self._stop_timeout)
+            await asyncio.wait(tasks, timeout=self._stop_timeout if timeout is None else timeout)

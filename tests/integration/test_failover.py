@@ -347,6 +347,36 @@ async def test_sigterm_with_the_broker_silently_unreachable_exits_within_the_shu
     assert all(found[i]["owner"] is None for i in ids)
 
 
+async def test_sigterm_with_postgresql_silently_unreachable_exits_within_the_shutdown_bound(
+    deployment: Deployment,
+) -> None:
+    port = int(deployment.settings.database_url.rsplit(":", 1)[1].split("/")[0])
+    relay = Relay(target_port=port)
+    await relay.start()
+    relayed_url = deployment.settings.database_url.replace(f":{port}/", f":{relay.listen_port}/")
+    try:
+        process = deployment.spawn_instance(
+            instance_id="a", DATABASE_URL=relayed_url, RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="15",
+        )
+        ids = await publish(deployment, 5, interval=0.5)
+        await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                       what="every config running")
+
+        relay.freeze()  # packets dropped: every query waits for the database timeout
+        await asyncio.sleep(2.0)
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 60)
+        elapsed = time.monotonic() - stopped_at
+        print(f"exit {elapsed:.1f} s after SIGTERM with PostgreSQL unreachable")
+        assert code == 0
+        # The budget plus closing what is left; each step that waits on the database gives
+        # up within the budget (sending the last events once waited 20 s past it).
+        assert elapsed < 15 + 4, deployment.log_tail("a", lines=30)
+    finally:
+        await relay.stop()
+
+
 async def test_static_membership_lets_a_quick_restart_move_no_partition(
     deployment: Deployment,
 ) -> None:
