@@ -190,12 +190,19 @@ async def _run_instance(settings: Settings) -> None:
     except BaseException:
         await instance.stop()
         raise
-    await stop.wait()
+    asked = asyncio.ensure_future(stop.wait())
+    told = asyncio.ensure_future(instance.must_stop.wait())
+    await asyncio.wait({asked, told}, return_when=asyncio.FIRST_COMPLETED)
+    asked.cancel()
+    told.cancel()
     await instance.stop()
+    if instance.must_stop_because is not None:
+        click.echo(f"reconciler: {instance.must_stop_because}", err=True)
+        _leave_after_graceful_stop(tracing, code=1)
     _leave_after_graceful_stop(tracing)
 
 
-def _leave_after_graceful_stop(tracing: Any) -> None:
+def _leave_after_graceful_stop(tracing: Any, *, code: int = 0) -> None:
     """End the process now that the shutdown is done. Waiting for the event loop's other
     tasks and for library threads to wind down (faust's consumer thread keeps waiting for
     a broker that does not answer) would only delay the exit, by minutes in the worst case."""
@@ -206,7 +213,7 @@ def _leave_after_graceful_stop(tracing: Any) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 # ---- config --------------------------------------------------------------------------------
@@ -321,8 +328,13 @@ async def _changed_record(
 ) -> tuple[str, bytes | None]:
     import asyncpg
 
-    from streams.configs import MAX_VERSION, config_from_json_dict, shorten
+    from streams.configs import (CONFIG_ID_RULE, MAX_VERSION, config_from_json_dict,
+                                 is_valid_config_id, shorten)
 
+    if not is_valid_config_id(config_id):
+        shown = ascii(config_id.encode("utf-8", "surrogateescape"))[2:-1]
+        raise BadInput(f"config id {shorten(shown, 80)} is not valid: an id is "
+                       f"{CONFIG_ID_RULE}")
     conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 15)
     try:
         row = await conn.fetchrow(

@@ -127,6 +127,10 @@ class Instance:
         self.supervisor: Supervisor | None = None
         self.stream: ConfigStream | None = None
         self.joined = asyncio.Event()
+        # Set, with the reason, when this instance must not go on: the process stops as on
+        # SIGTERM and exits with an error.
+        self.must_stop = asyncio.Event()
+        self.must_stop_because: str | None = None
         # Configs whose start waits for another run's lease: a release wakes them at once.
         self._waiting_for_lease: set[str] = set()
         self._last_assignment: set[int] = set()
@@ -156,6 +160,7 @@ class Instance:
             boot_id=self.boot_id,
             pool_size=settings.db_pool_size,
             timeout=settings.db_timeout_seconds,
+            static_member_id=settings.static_member_id,
         )
         await self.store.migrate()
         await self.store.heartbeat(partitions=[], runs=0)
@@ -798,6 +803,7 @@ class Instance:
                 await self.store.heartbeat(
                     partitions=sorted(self.assigned), runs=len(self.supervisor.runs)
                 )
+                await self._give_way_to_a_newer_member()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -807,6 +813,26 @@ class Instance:
                     "the next renewal succeeds",
                     " ".join(str(error).split()) or type(error).__name__,
                 )
+
+    async def _give_way_to_a_newer_member(self) -> None:
+        """Two live processes with one static member id take the member from each other at
+        every join (the broker fences the older, which joins again), so neither keeps its
+        partitions. The broker gives the member to the newest; the older one stops."""
+        assert self.store is not None
+        if self.must_stop.is_set():
+            return
+        newer = await self.store.newer_process_with_our_member_id(
+            seen_within=self.settings.lease_seconds)
+        if newer is None:
+            return
+        self.must_stop_because = (
+            f"instance {shorten(newer, 80)} started later with the same "
+            f"RECONCILER_STATIC_MEMBER_ID ({shorten(self.settings.static_member_id or '', 80)}); "
+            "the consumer group cannot keep two members with one id, so this one stops: "
+            "give every instance its own"
+        )
+        log.error("%s", self.must_stop_because, extra={"instance_id": self.instance_id})
+        self.must_stop.set()
 
     async def _listen_for_releases_forever(self) -> None:
         """Start a config the moment the run holding its lease releases it."""

@@ -198,6 +198,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _backoff_is_consistent(self) -> "Settings":
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError(
+                "backoff: RECONCILER_BACKOFF_MAX_SECONDS must not be shorter than "
+                "RECONCILER_BACKOFF_INITIAL_SECONDS"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> "Settings":
         # Security settings the protocol would ignore are refused rather than dropped, so that
         # a forgotten KAFKA_SECURITY_PROTOCOL never means a plaintext connection. The messages

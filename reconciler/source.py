@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -432,9 +433,12 @@ def parse_page(body: bytes) -> Page:
     cursors with NUL characters (PostgreSQL cannot store them) and over-long ids and cursors.
     """
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
     except _NotFinite as error:
         raise PullFailed(f"source body holds {error}, which JSON has no number for") from None
+    except _TooManyDigits as error:
+        raise PullFailed(f"source body holds {error}") from None
     except (ValueError, RecursionError):
         raise PullFailed("source body is not JSON") from None
     if not isinstance(data, dict):
@@ -648,6 +652,20 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise _NotFinite("a number too large for a double")
     return value
+
+
+class _TooManyDigits(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    # Python reads integers of at most `sys.get_int_max_str_digits()` digits (4300).
+    digits = len(text.lstrip("-"))
+    limit = sys.get_int_max_str_digits()
+    if limit and digits > limit:
+        raise _TooManyDigits(f"an integer of {digits} digits, more than the {limit} the "
+                             "product reads")
+    return int(text)
 
 
 def _is_valid_unicode(data: Any) -> bool:

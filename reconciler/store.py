@@ -96,6 +96,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE lifecycle_outbox ADD COLUMN attempt integer NOT NULL DEFAULT 0;
     """,
+    # The consumer group's static member id of each process, if it has one: two live
+    # processes with the same one take the member from each other for as long as both run.
+    """
+    ALTER TABLE reconciler_instances ADD COLUMN static_member_id text;
+    """,
 ]
 
 # Any constant works; it only has to be the same for every instance of the product.
@@ -208,11 +213,12 @@ class Store:
     never queue lease renewals, starts and stops behind them."""
 
     def __init__(self, pool: asyncpg.Pool, *, instance_id: str, boot_id: str, timeout: float,
-                 loop_pool: asyncpg.Pool | None = None):
+                 loop_pool: asyncpg.Pool | None = None, static_member_id: str | None = None):
         self._pool = pool
         self._loop_pool = loop_pool or pool
         self._instance_id = instance_id
         self._boot_id = boot_id
+        self._static_member_id = static_member_id
         self._timeout = timeout
         # Desired-state writes waiting for the writer task, in the order they were asked for.
         self._pending_writes: deque[_PendingWrite] = deque()
@@ -220,7 +226,8 @@ class Store:
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, instance_id: str, boot_id: str, pool_size: int, timeout: float
+        cls, dsn: str, *, instance_id: str, boot_id: str, pool_size: int, timeout: float,
+        static_member_id: str | None = None,
     ) -> "Store":
         options = dict(
             min_size=1, max_size=pool_size, command_timeout=timeout, timeout=timeout,
@@ -233,7 +240,7 @@ class Store:
             await pool.close()
             raise
         return cls(pool, instance_id=instance_id, boot_id=boot_id, timeout=timeout,
-                   loop_pool=loop_pool)
+                   loop_pool=loop_pool, static_member_id=static_member_id)
 
     async def close(self) -> None:
         if self._loop_pool is not self._pool:
@@ -518,8 +525,9 @@ class Store:
     async def heartbeat(self, *, partitions: list[int], runs: int, stopped: bool = False) -> None:
         await self._pool.execute(
             """
-            INSERT INTO reconciler_instances (instance_id, boot_id, partitions, runs)
-            VALUES ($1, $2, $3, $4)
+            INSERT INTO reconciler_instances (instance_id, boot_id, partitions, runs,
+                                              static_member_id)
+            VALUES ($1, $2, $3, $4, $6)
             ON CONFLICT (boot_id) DO UPDATE SET last_seen = now(), partitions = $3, runs = $4,
                 stopped_at = CASE WHEN $5 THEN now() END
             """,
@@ -528,6 +536,28 @@ class Store:
             partitions,
             runs,
             stopped,
+            self._static_member_id,
+            timeout=self._timeout,
+        )
+
+    async def newer_process_with_our_member_id(self, *, seen_within: float) -> str | None:
+        """The instance id of a live process that started after this one with the same
+        static member id, if there is one (seen within `seen_within` seconds)."""
+        if self._static_member_id is None:
+            return None
+        return await self._pool.fetchval(
+            """
+            SELECT other.instance_id FROM reconciler_instances other
+            JOIN reconciler_instances us ON us.boot_id = $2
+            WHERE other.static_member_id = $1 AND other.boot_id <> $2
+              AND other.stopped_at IS NULL
+              AND other.last_seen > now() - make_interval(secs => $3)
+              AND (other.started_at, other.boot_id) > (us.started_at, us.boot_id)
+            ORDER BY other.started_at LIMIT 1
+            """,
+            self._static_member_id,
+            self._boot_id,
+            seen_within,
             timeout=self._timeout,
         )
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from streams.configs import MAX_VERSION
+
 
 class Verdict(enum.Enum):
     APPLY = "apply"
@@ -41,7 +43,10 @@ def judge_config(
         return Judgement(
             Verdict.REJECT,
             f"the config has carried version {stored.version}; a record without a version is "
-            f"refused (publish it with a version above {stored.version})",
+            + (f"refused (publish it with a version above {stored.version})"
+               if stored.version < MAX_VERSION else
+               "refused, and no version can be higher: this config cannot change again "
+               "under its id; publish the change under a new id"),
         )
     if version < stored.version:
         return Judgement(
@@ -55,6 +60,13 @@ def judge_config(
             )
         if stored.normalised == normalised:
             return Judgement(Verdict.IGNORE, f"version {version} is already applied")
+        if version == MAX_VERSION:
+            return Judgement(
+                Verdict.REJECT,
+                f"version {version} is already applied with different content, and no "
+                "version can be higher: this config cannot change again under its id; "
+                "publish the change under a new id",
+            )
         return Judgement(
             Verdict.REJECT,
             f"version {version} is already applied with different content; publish the change "

@@ -44,7 +44,7 @@ SOURCE_TYPES = ("http",)
 AUTH_TYPES = ("bearer", "basic")
 
 _CONFIG_ID = re.compile(CONFIG_ID_PATTERN)
-_ID_RULE = "1 to 200 characters of A-Z a-z 0-9 . _ : -"
+CONFIG_ID_RULE = "1 to 200 characters of A-Z a-z 0-9 . _ : -"
 _INTERVAL_RULE = "a number from 0.05 to 86400"
 _TIMEOUT_RULE = "a number from 0.1 to 300 (default 10)"
 _TEXT_RULE = "a non-empty string of at most 200 characters"
@@ -306,7 +306,7 @@ def config_json_schema() -> dict[str, Any]:
         "properties": {
             "id": {
                 "type": "string",
-                "description": f"Must be {_ID_RULE}; equal to the record key.",
+                "description": f"Must be {CONFIG_ID_RULE}; equal to the record key.",
                 "pattern": f"^{CONFIG_ID_PATTERN}$",
             },
             "enabled": {"type": "boolean"},
@@ -432,7 +432,7 @@ def _record_key(key: bytes | None) -> str:
 
     if not is_valid_config_id(text):
         raise InvalidRecord(
-            f"record key {_quote(text)} is not a valid config id: it must be {_ID_RULE}"
+            f"record key {_quote(text)} is not a valid config id: it must be {CONFIG_ID_RULE}"
         )
     return text
 
@@ -451,7 +451,7 @@ def _check_config(
 ) -> tuple[Config | None, list[str]]:
     problems: list[str] = []
 
-    config_id = _field(data, "id", _ID_RULE, _config_id, problems)
+    config_id = _field(data, "id", CONFIG_ID_RULE, _config_id, problems)
     enabled = _field(data, "enabled", "a JSON boolean (true or false)", _boolean, problems)
     channel_id = _field(data, "channel_id", _TEXT_RULE, _text, problems)
     product_id = _field(data, "product_id", _TEXT_RULE, _text, problems)
@@ -521,7 +521,7 @@ def _storable(where: str, text: str, problems: list[str]) -> bool:
 
 def _config_id(where: str, value: Any, problems: list[str]) -> Any:
     if not isinstance(value, str) or not is_valid_config_id(value):
-        return _fail(where, f"must be {_ID_RULE}", value, problems)
+        return _fail(where, f"must be {CONFIG_ID_RULE}", value, problems)
     return value
 
 

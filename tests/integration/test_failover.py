@@ -413,3 +413,32 @@ async def test_static_membership_lets_a_quick_restart_move_no_partition(
     assert reassigned == []
     assert deployment.source.overlaps() == []
     await stop_all(deployment, processes)
+
+
+async def test_of_two_instances_with_one_static_member_id_the_older_stops_with_an_error(
+    deployment: Deployment,
+) -> None:
+    older = deployment.spawn_instance(instance_id="a", RECONCILER_STATIC_MEMBER_ID="member-x")
+    ids = await publish(deployment, 6, interval=0.5)
+    await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                   what="every config running on a")
+    newer = deployment.spawn_instance(instance_id="b", RECONCILER_STATIC_MEMBER_ID="member-x")
+
+    # A heartbeat (every lease renewal, 3 s) finds the newer process with the same id.
+    code = await asyncio.to_thread(older.wait, 60)
+    assert code == 1, deployment.log_tail("a", lines=30)
+    with open(deployment.log_path("a"), errors="replace") as log:
+        said = log.read()
+    assert "instance b started later with the same RECONCILER_STATIC_MEMBER_ID (member-x)" \
+        in said
+    assert newer.poll() is None
+
+    async def all_on_b() -> bool:
+        found = await all_running(deployment, ids)
+        return bool(found) and {r["owner"] for r in found.values()} == {"b"}
+
+    await wait_for(all_on_b, timeout=60, what="every config running on b")
+    assert deployment.source.overlaps() == []
+    await stop_all(deployment, {"b": newer})
+    await wait_for(lambda: every_start_has_one_end(deployment), timeout=30,
+                   what="one end event per run")

@@ -30,6 +30,7 @@ def test_bootstrap_servers_that_name_no_broker_are_refused(servers, monkeypatch)
     ("RECONCILER_BACKOFF_MAX_SECONDS", "nan"),
     ("RECONCILER_LOG_LEVEL", "LOUD"),
     ("RECONCILER_TOPIC_PREFIX", "p" * 238),
+    ("RECONCILER_BACKOFF_MAX_SECONDS", "0.001"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_variable(
     name: str, value: str, monkeypatch: pytest.MonkeyPatch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reconciler.versions import StoredDesired, Verdict, judge_config, judge_tombstone
+from streams.configs import MAX_VERSION
 
 CONTENT = {"id": "shop-42.sku-7", "enabled": True, "interval_seconds": 5.0}
 OTHER_CONTENT = {"id": "shop-42.sku-7", "enabled": True, "interval_seconds": 10.0}
@@ -43,6 +44,17 @@ def test_the_applied_version_again_with_different_content_is_rejected_naming_the
 
     assert judgement.verdict is Verdict.REJECT
     assert "version 5" in judgement.why
+
+
+def test_at_the_highest_version_a_change_is_rejected_without_asking_for_a_higher_one():
+    for version in (MAX_VERSION, None):
+        judgement = judge_config(stored=live(MAX_VERSION), version=version,
+                                 normalised=OTHER_CONTENT)
+
+        assert judgement.verdict is Verdict.REJECT
+        assert str(MAX_VERSION + 1) not in judgement.why
+        assert "above" not in judgement.why
+        assert "cannot change again under its id" in judgement.why
 
 
 def test_a_tombstone_keeps_the_version_so_a_record_at_or_below_it_does_not_bring_the_config_back():
