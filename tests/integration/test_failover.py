@@ -65,6 +65,27 @@ async def stop_all(deployment: Deployment, processes: dict) -> None:
         await asyncio.to_thread(process.wait, 60)
 
 
+async def relayed_database(deployment: Deployment) -> tuple[Relay, str]:
+    """A started relay in front of the deployment's PostgreSQL, and the URL through it."""
+    port = int(deployment.settings.database_url.rsplit(":", 1)[1].split("/")[0])
+    relay = Relay(target_port=port)
+    await relay.start()
+    return relay, deployment.settings.database_url.replace(f":{port}/",
+                                                           f":{relay.listen_port}/")
+
+
+async def seconds_to_exit_after_sigterm(process, what: str) -> float:
+    """SIGTERM two seconds into an outage; the process must exit 0. Returns how long it took."""
+    await asyncio.sleep(2.0)
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, 60)
+    elapsed = time.monotonic() - stopped_at
+    print(f"exit {elapsed:.1f} s after SIGTERM with {what}")
+    assert code == 0
+    return elapsed
+
+
 async def every_start_has_one_end(deployment: Deployment) -> dict[str, int]:
     counts = end_counts(deployment.events)
     if all(count == 1 for count in counts.values()):
@@ -241,10 +262,7 @@ async def test_instance_cut_off_from_kafka_hands_its_configs_over_and_stops_its_
 async def test_instance_cut_off_from_postgresql_stops_its_runs_before_their_leases_expire(
     deployment: Deployment, stack,
 ) -> None:
-    port = int(deployment.settings.database_url.rsplit(":", 1)[1].split("/")[0])
-    relay = Relay(target_port=port)
-    await relay.start()
-    relayed_url = deployment.settings.database_url.replace(f":{port}/", f":{relay.listen_port}/")
+    relay, relayed_url = await relayed_database(deployment)
     try:
         process = deployment.spawn_instance(instance_id="a", DATABASE_URL=relayed_url)
         ids = await publish(deployment, 10, interval=0.3)
@@ -331,13 +349,7 @@ async def test_sigterm_with_the_broker_silently_unreachable_exits_within_the_shu
                    timeout=90, what="every config running")
 
     relay.freeze()  # packets dropped: every call to the broker waits for its timeout
-    await asyncio.sleep(2.0)
-    stopped_at = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(process.wait, 60)
-    elapsed = time.monotonic() - stopped_at
-    print(f"exit {elapsed:.1f} s after SIGTERM with the broker unreachable")
-    assert code == 0
+    elapsed = await seconds_to_exit_after_sigterm(process, "the broker unreachable")
     # The budget (15 s) plus flushing and leaving; not the minutes faust's consumer
     # thread waits for the broker.
     assert elapsed < 15 + 10, deployment.log_tail("a", lines=30)
@@ -350,10 +362,7 @@ async def test_sigterm_with_the_broker_silently_unreachable_exits_within_the_shu
 async def test_sigterm_with_postgresql_silently_unreachable_exits_within_the_shutdown_bound(
     deployment: Deployment,
 ) -> None:
-    port = int(deployment.settings.database_url.rsplit(":", 1)[1].split("/")[0])
-    relay = Relay(target_port=port)
-    await relay.start()
-    relayed_url = deployment.settings.database_url.replace(f":{port}/", f":{relay.listen_port}/")
+    relay, relayed_url = await relayed_database(deployment)
     try:
         process = deployment.spawn_instance(
             instance_id="a", DATABASE_URL=relayed_url, RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="15",
@@ -363,13 +372,7 @@ async def test_sigterm_with_postgresql_silently_unreachable_exits_within_the_shu
                        what="every config running")
 
         relay.freeze()  # packets dropped: every query waits for the database timeout
-        await asyncio.sleep(2.0)
-        stopped_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 60)
-        elapsed = time.monotonic() - stopped_at
-        print(f"exit {elapsed:.1f} s after SIGTERM with PostgreSQL unreachable")
-        assert code == 0
+        elapsed = await seconds_to_exit_after_sigterm(process, "PostgreSQL unreachable")
         # The budget plus closing what is left; each step that waits on the database gives
         # up within the budget (sending the last events once waited 20 s past it).
         assert elapsed < 15 + 4, deployment.log_tail("a", lines=30)
