@@ -47,12 +47,13 @@ class BadInput(click.ClickException):
 
 
 def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment, with the command line's options over them; both
+    are checked by the same rules."""
     try:
-        settings = Settings()
+        return Settings(**{Settings.model_fields[k].alias or k: v
+                           for k, v in overrides.items() if v is not None})
     except ValidationError as error:
         raise BadInput(f"invalid settings: {settings_problems(error)}") from None
-    updates = {k: v for k, v in overrides.items() if v is not None}
-    return settings.model_copy(update=updates) if updates else settings
 
 
 def settings_problems(error: ValidationError) -> str:
@@ -126,6 +127,17 @@ def _describe_failure(error: BaseException, settings: Settings | None) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+async def _broker_answers(start: Awaitable[Any], seconds: float = 30.0) -> None:
+    """Start a Kafka client; a broker that does not answer in time is a Kafka failure (a
+    bare timeout would be reported as the database's)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    try:
+        await asyncio.wait_for(start, seconds)
+    except TimeoutError:
+        raise KafkaConnectionError(f"no answer within {seconds:.0f} s") from None
+
+
 def _kafka_problem(settings: Settings) -> str | None:
     """Why the broker could not be reached, found again by connecting once more."""
     from reconciler.instance import kafka_connection
@@ -136,6 +148,9 @@ def _kafka_problem(settings: Settings) -> str | None:
     except Exception:  # the first error is still there to report
         return None
 
+
+# How long a command waits for its spans to be exported, at most.
+TRACE_FLUSH_SECONDS = 2.0
 
 # Errors whose message already says what could not be reached.
 _SELF_EXPLAINING = {"DemoError", "StackError", "EndpointsUnavailable"}
@@ -195,21 +210,25 @@ async def _run_instance(settings: Settings) -> None:
     await asyncio.wait({asked, told}, return_when=asyncio.FIRST_COMPLETED)
     asked.cancel()
     told.cancel()
-    await instance.stop()
+    flush_seconds = await instance.stop()
     if instance.must_stop_because is not None:
         click.echo(f"reconciler: {instance.must_stop_because}", err=True)
-        _leave_after_graceful_stop(tracing, code=1)
-    _leave_after_graceful_stop(tracing)
+        _leave_after_graceful_stop(tracing, flush_seconds, code=1)
+    _leave_after_graceful_stop(tracing, flush_seconds)
 
 
-def _leave_after_graceful_stop(tracing: Any, *, code: int = 0) -> None:
+def _leave_after_graceful_stop(tracing: Any, flush_seconds: float, *, code: int = 0) -> None:
     """End the process now that the shutdown is done. Waiting for the event loop's other
     tasks and for library threads to wind down (faust's consumer thread keeps waiting for
     a broker that does not answer) would only delay the exit, by minutes in the worst case."""
     import logging
     import os
 
-    tracing.force_flush(timeout_millis=5000)
+    from reconciler.telemetry import flush_within
+
+    # Within what is left of the shutdown budget: an exporter endpoint that does not answer
+    # would hold the exit for its own timeout.
+    flush_within(tracing.force_flush, flush_seconds)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -222,6 +241,13 @@ def _leave_after_graceful_stop(tracing: Any, *, code: int = 0) -> None:
 @main.group()
 def config() -> None:
     """Publish, check and change configs."""
+
+
+def _flush_traces(provider: Any) -> None:
+    """Export a command's spans, waiting 2 s at most for an exporter endpoint."""
+    from reconciler.telemetry import flush_within
+
+    flush_within(provider.force_flush, TRACE_FLUSH_SECONDS)
 
 
 def _tracing(settings: Settings) -> Any:
@@ -270,7 +296,7 @@ def config_put(file: str) -> None:
         run_async(_publish_configs(settings, [(c.id, c.to_json_bytes()) for c in configs]),
                   settings)
     finally:
-        provider.shutdown()
+        _flush_traces(provider)
     click.echo(f"published {len(configs)} config{'s' if len(configs) != 1 else ''}")
 
 
@@ -286,7 +312,7 @@ async def _publish_configs(settings: Settings, records: list[tuple[str, bytes | 
         ensure_topics(connection, topics, config_partitions=settings.config_partitions), 30
     )
     publisher = Publisher(connection)
-    await asyncio.wait_for(publisher.start(), 30)
+    await _broker_answers(publisher.start())
     try:
         for key, value in records:
             # One `send` span per record; its context travels in the record's traceparent.
@@ -317,7 +343,7 @@ def _change_command(name: str, help_text: str) -> Callable[[str], None]:
         try:
             run_async(_publish_configs(settings, [record]), settings)
         finally:
-            provider.shutdown()
+            _flush_traces(provider)
         click.echo(f"published {name} of {config_id}")
 
     return command
@@ -349,7 +375,12 @@ async def _changed_record(
     if row is None or row["config"] is None:
         raise BadInput(f"config {named} is not known (no desired state in the database)")
     if row["deleted"]:
-        raise BadInput(f"config {named} is deleted; publish it again with `config put`")
+        if row["config_version"] == MAX_VERSION:
+            raise BadInput(f"config {named} was deleted at the highest version ({MAX_VERSION}); "
+                           "it cannot come back under its id: publish it under a new id")
+        above = ("" if row["config_version"] is None
+                 else f" with a version above {row['config_version']}")
+        raise BadInput(f"config {named} is deleted; publish it again with `config put`{above}")
     current = config_from_json_dict(json.loads(row["config"]), expected_id=config_id)
     if change == "delete":
         return config_id, None
@@ -482,7 +513,7 @@ async def _print_events(settings: Settings, *, follow: bool, as_json: bool) -> N
         auto_offset_reset="earliest",
     )
     try:
-        await asyncio.wait_for(consumer.start(), 30)
+        await _broker_answers(consumer.start())
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
             await consumer._client.force_metadata_update()

@@ -58,7 +58,7 @@ from reconciler.settings import Settings
 from reconciler.source import OrderSource
 from reconciler.store import LEASE_CHANNEL, Store, TaskRow
 from reconciler.supervisor import Ending, Supervisor
-from reconciler.telemetry import telemetry_resource
+from reconciler.telemetry import flushed, telemetry_resource
 from reconciler.versions import Verdict
 from reconciler.workqueue import KeyedWorkQueue, QueueShutDown
 
@@ -241,8 +241,9 @@ class Instance:
         self._started = True
         log.info("instance started", extra={"instance_id": self.instance_id})
 
-    async def stop(self) -> None:
+    async def stop(self) -> float:
         """Graceful shutdown: every local run ends with `shutdown` and releases its lease.
+        Returns what is left of the budget (5 s at most), for flushing traces.
 
         Each step is bounded, and all of them together by `shutdown_timeout_seconds`: with
         the broker or the database unreachable a step gives up, and what it left undone is
@@ -303,9 +304,10 @@ class Instance:
                    (self.http and self.http.stop(), "closing the HTTP endpoints")]
         await asyncio.gather(*(budget.spend(work, 10.0, what)
                                for work, what in closing if work is not None))
-        self.metrics.shutdown()
+        await budget.spend(flushed(self.metrics.shutdown), 5.0, "exporting the last metrics")
         if self._started:
             log.info("instance stopped", extra={"instance_id": self.instance_id})
+        return budget.allow(5.0)
 
     # ---- the configs stream --------------------------------------------------------------
 

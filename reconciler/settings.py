@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     database_url: str = Field(LOCAL_DATABASE_URL, alias="DATABASE_URL", repr=False)
 
+    # Named in every event's `source` (`reconciler/<instance id>`): printable, no spaces.
     instance_id: str = Field(default_factory=default_instance_id, alias="RECONCILER_INSTANCE_ID")
     # Kafka topic names are at most 249 characters; the longest is `<prefix>.configs.dlq`.
     topic_prefix: str = Field("pull", alias="RECONCILER_TOPIC_PREFIX",
@@ -85,7 +86,9 @@ class Settings(BaseSettings):
 
     # Leases: a run may act only until `renewal sent + lease_seconds - lease_margin_seconds`
     # by the monotonic clock; renewals go out every `lease_renew_seconds`.
-    lease_seconds: float = Field(10.0, alias="RECONCILER_LEASE_SECONDS", gt=0)
+    # At most the broker's default transaction.max.timeout.ms (15 min): a run's orders are
+    # sent in transactions that time out with its lease.
+    lease_seconds: float = Field(10.0, alias="RECONCILER_LEASE_SECONDS", gt=0, le=900)
     lease_renew_seconds: float = Field(3.0, alias="RECONCILER_LEASE_RENEW_SECONDS", gt=0)
     lease_margin_seconds: float = Field(2.0, alias="RECONCILER_LEASE_MARGIN_SECONDS", ge=0)
 
@@ -182,6 +185,13 @@ class Settings(BaseSettings):
         parse_networks(value, setting=alias)
         return value
 
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_id_is_a_name(cls, value: str) -> str:
+        if not 1 <= len(value) <= 200 or not all("!" <= c <= "~" for c in value):
+            raise ValueError("must be 1 to 200 printable ASCII characters without spaces")
+        return value
+
     @field_validator("source_allowed_hosts")
     @classmethod
     def _hosts_parse(cls, value: str) -> str:
@@ -194,6 +204,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "lease timing: RECONCILER_LEASE_RENEW_SECONDS + RECONCILER_LEASE_MARGIN_SECONDS "
                 "must be shorter than RECONCILER_LEASE_SECONDS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_the_session(self) -> "Settings":
+        # The broker drops a member whose heartbeats are further apart than its session;
+        # with less than two heartbeats per session one late heartbeat is enough.
+        if self.kafka_heartbeat_seconds * 2 > self.kafka_session_timeout_seconds:
+            raise ValueError(
+                "RECONCILER_KAFKA_HEARTBEAT_SECONDS must be at most half of "
+                "RECONCILER_KAFKA_SESSION_TIMEOUT_SECONDS"
             )
         return self
 

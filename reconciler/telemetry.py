@@ -14,6 +14,10 @@ instances in one process) keeps the first provider.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from typing import Callable
+
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -65,3 +69,37 @@ def tracer_provider(settings: Settings) -> TracerProvider:
         )
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def flush_within(work: Callable[[], object], seconds: float) -> None:
+    """Run exporter work (a flush, a shutdown), waiting for it `seconds` at most.
+
+    The SDK's flushes export in the calling thread and wait for the exporter's own timeout
+    (10 s by default) on an endpoint that does not answer; in a daemon thread that is left
+    behind, such work never holds a process's exit."""
+    worker = threading.Thread(target=work, daemon=True, name="telemetry-flush")
+    worker.start()
+    worker.join(max(0.0, seconds))
+
+
+def flushed(work: Callable[[], object]) -> asyncio.Future:
+    """Run exporter work in a daemon thread (see `flush_within`); the future is done when
+    the work is."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def target() -> None:
+        try:
+            work()
+        finally:
+            try:
+                loop.call_soon_threadsafe(finish)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits
+                pass
+
+    threading.Thread(target=target, daemon=True, name="telemetry-flush").start()
+    return done

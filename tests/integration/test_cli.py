@@ -218,3 +218,16 @@ async def test_status_counts_leases_by_boot_so_an_earlier_boot_holds_none(
     assert len(lines) == 2, lines
     assert "stopped" in lines[0] and "0 leases held" in lines[0]
     assert "alive" in lines[1] and "1 leases held" in lines[1]
+
+
+async def test_events_names_kafka_when_the_broker_does_not_answer(
+    deployment: Deployment, kafka_relay,
+) -> None:
+    relay = await kafka_relay()
+    relay.freeze()  # connections accepted, no byte through
+    events = await cli(deployment, "events",
+                       KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{relay.listen_port}")
+    assert events.returncode == 1
+    assert events.stderr.startswith(
+        f"reconciler: cannot reach Kafka at 127.0.0.1:{relay.listen_port}"), events.stderr
+    assert "PostgreSQL" not in events.stderr

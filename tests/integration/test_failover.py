@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
+import socket
 import time
 
 import pytest
@@ -378,6 +379,29 @@ async def test_sigterm_with_postgresql_silently_unreachable_exits_within_the_shu
         assert elapsed < 15 + 4, deployment.log_tail("a", lines=30)
     finally:
         await relay.stop()
+
+
+async def test_sigterm_with_the_telemetry_endpoint_silent_exits_within_the_shutdown_bound(
+    deployment: Deployment,
+) -> None:
+    # Accepts connections (the kernel does) and never answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        process = deployment.spawn_instance(
+            instance_id="a", RECONCILER_SHUTDOWN_TIMEOUT_SECONDS="5",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            OTEL_METRICS_EXPORTER="otlp",
+        )
+        ids = await publish(deployment, 3, interval=0.5)
+        await wait_for(lambda: all_running(deployment, ids), timeout=90,
+                       what="every config running")
+        elapsed = await seconds_to_exit_after_sigterm(process, "the OTLP endpoint silent")
+        # The exporters' own timeout is 10 s; the budget bounds the last export.
+        assert elapsed < 5 + 3, deployment.log_tail("a", lines=30)
+    finally:
+        silent.close()
 
 
 async def test_static_membership_lets_a_quick_restart_move_no_partition(

@@ -22,3 +22,13 @@ def test_an_invalid_config_id_exits_2_naming_the_rule(
     assert len(lines) == 1
     assert "is not valid: an id is 1 to 200 characters of A-Z a-z 0-9 . _ : -" in lines[0]
     assert "PostgreSQL" not in lines[0]
+
+
+@pytest.mark.parametrize("instance_id", ["", "two words"])
+def test_an_invalid_instance_id_on_the_command_line_is_refused_as_in_the_environment(
+    instance_id: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:9/none")
+    result = CliRunner().invoke(main, ["run", "--instance-id", instance_id])
+    assert result.exit_code == 2, result.output
+    assert "invalid settings: RECONCILER_INSTANCE_ID" in result.output

@@ -31,6 +31,11 @@ def test_bootstrap_servers_that_name_no_broker_are_refused(servers, monkeypatch)
     ("RECONCILER_LOG_LEVEL", "LOUD"),
     ("RECONCILER_TOPIC_PREFIX", "p" * 238),
     ("RECONCILER_BACKOFF_MAX_SECONDS", "0.001"),
+    ("RECONCILER_INSTANCE_ID", ""),
+    ("RECONCILER_INSTANCE_ID", "two words"),
+    ("RECONCILER_LEASE_SECONDS", "1000"),
+    ("RECONCILER_LEASE_SECONDS", "1e300"),
+    ("RECONCILER_KAFKA_HEARTBEAT_SECONDS", "60"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_variable(
     name: str, value: str, monkeypatch: pytest.MonkeyPatch,
