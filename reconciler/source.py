@@ -433,14 +433,11 @@ def parse_page(body: bytes) -> Page:
     cursors with NUL characters (PostgreSQL cannot store them) and over-long ids and cursors.
     """
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float,
-                          parse_int=_bounded_int)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except _NotFinite as error:
         raise PullFailed(f"source body holds {error}, which JSON has no number for") from None
-    except _TooManyDigits as error:
-        raise PullFailed(f"source body holds {error}") from None
     except (ValueError, RecursionError):
-        raise PullFailed("source body is not JSON") from None
+        raise PullFailed(_why_not_read(body)) from None
     if not isinstance(data, dict):
         raise PullFailed("source body is not a JSON object")
     orders = data.get("orders")
@@ -656,6 +653,19 @@ def _finite_float(text: str) -> float:
 
 class _TooManyDigits(ValueError):
     pass
+
+
+def _why_not_read(body: bytes) -> str:
+    """Why a body the parser refused was refused. Only here, off the path of bodies that
+    parse, is every integer looked at in Python: one of more digits than Python reads is
+    valid JSON, and is named as such."""
+    try:
+        json.loads(body, parse_int=_bounded_int)
+    except _TooManyDigits as error:
+        return f"source body holds {error}"
+    except (ValueError, RecursionError):
+        pass
+    return "source body is not JSON"
 
 
 def _bounded_int(text: str) -> int:
