@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -11,6 +12,18 @@ from tests.integration import hand_made
 from tests.integration.harness import Deployment, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def raw_producer(deployment: Deployment, **options: object):
+    """A plain aiokafka producer to the deployment's broker, as any publisher might use."""
+    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers,
+                                **options)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
 
 
 async def test_a_header_name_that_is_not_utf8_sends_its_record_to_the_dlq_and_no_other(
@@ -50,15 +63,10 @@ async def test_config_records_compressed_with_any_kafka_codec_are_applied(
     deployment: Deployment, codec: str,
 ) -> None:
     await deployment.start_instance()
-    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers,
-                                compression_type=codec)
-    await producer.start()
-    try:
+    async with raw_producer(deployment, compression_type=codec) as producer:
         doc = deployment.doc(f"{codec}-1", interval=5.0)
         await producer.send_and_wait(deployment.topics.configs, key=doc["id"].encode(),
                                      value=json.dumps(doc).encode())
-    finally:
-        await producer.stop()
     await wait_for(lambda: deployment.events_of(doc["id"], "started"), timeout=20,
                    what=f"the {codec}-compressed config starting")
     assert deployment.dlq == []
@@ -68,16 +76,12 @@ async def test_a_record_with_a_timestamp_no_date_can_hold_is_applied_and_so_are_
     deployment: Deployment,
 ) -> None:
     await deployment.start_instance()
-    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers)
-    await producer.start()
-    try:
+    async with raw_producer(deployment) as producer:
         for config_id, timestamp in (("ancient", -99_999_999_999_999), ("next", None)):
             doc = deployment.doc(config_id, interval=5.0)
             await producer.send_and_wait(deployment.topics.configs, key=config_id.encode(),
                                          value=json.dumps(doc).encode(), partition=0,
                                          timestamp_ms=timestamp)
-    finally:
-        await producer.stop()
     for config_id in ("ancient", "next"):
         await wait_for(lambda: deployment.events_of(config_id, "started"), timeout=20,
                        what=f"{config_id} starting")
@@ -88,10 +92,9 @@ async def test_a_config_written_by_an_aborted_transaction_is_not_applied(
     deployment: Deployment,
 ) -> None:
     await deployment.start_instance()
-    producer = AIOKafkaProducer(bootstrap_servers=deployment.settings.kafka_bootstrap_servers,
-                                transactional_id=f"{deployment.settings.group_id}.publisher")
-    await producer.start()
-    try:
+    async with raw_producer(deployment,
+                            transactional_id=f"{deployment.settings.group_id}.publisher"
+                            ) as producer:
         for config_id, commit in (("aborted", False), ("committed", True)):
             doc = deployment.doc(config_id, interval=5.0)
             await producer.begin_transaction()
@@ -101,8 +104,6 @@ async def test_a_config_written_by_an_aborted_transaction_is_not_applied(
                 await producer.commit_transaction()
             else:
                 await producer.abort_transaction()
-    finally:
-        await producer.stop()
     await wait_for(lambda: deployment.events_of("committed", "started"), timeout=20,
                    what="the committed config starting")
     assert await deployment.row("aborted") is None
