@@ -433,11 +433,17 @@ def parse_page(body: bytes) -> Page:
     cursors with NUL characters (PostgreSQL cannot store them) and over-long ids and cursors.
     """
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        # UTF-8 only, strictly: Python's own decoding of JSON bytes lets through encoded
+        # lone surrogates, which no key or cursor can be written with.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PullFailed("source body is not JSON: it is not UTF-8 text") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _NotFinite as error:
         raise PullFailed(f"source body holds {error}, which JSON has no number for") from None
     except (ValueError, RecursionError):
-        raise PullFailed(_why_not_read(body)) from None
+        raise PullFailed(_why_not_read(text)) from None
     if not isinstance(data, dict):
         raise PullFailed("source body is not a JSON object")
     orders = data.get("orders")
@@ -655,7 +661,7 @@ class _TooManyDigits(ValueError):
     pass
 
 
-def _why_not_read(body: bytes) -> str:
+def _why_not_read(body: str) -> str:
     """Why a body the parser refused was refused. Only here, off the path of bodies that
     parse, is every integer looked at in Python: one of more digits than Python reads is
     valid JSON, and is named as such."""
