@@ -54,6 +54,8 @@ def load_settings(**overrides: Any) -> Settings:
                            for k, v in overrides.items() if v is not None})
     except ValidationError as error:
         raise BadInput(f"invalid settings: {settings_problems(error)}") from None
+    except UnicodeDecodeError:
+        raise BadInput("invalid settings: the .env file in this folder is not UTF-8 text") from None
 
 
 def settings_problems(error: ValidationError) -> str:

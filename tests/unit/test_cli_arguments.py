@@ -32,3 +32,14 @@ def test_an_invalid_instance_id_on_the_command_line_is_refused_as_in_the_environ
     result = CliRunner().invoke(main, ["run", "--instance-id", instance_id])
     assert result.exit_code == 2, result.output
     assert "invalid settings: RECONCILER_INSTANCE_ID" in result.output
+
+
+def test_a_dot_env_file_that_is_not_utf8_is_refused_in_one_line(
+    tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / ".env").write_bytes(b"\xff\xfeRECONCILER_INSTANCE_ID=a\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "reconciler: invalid settings: the .env file in this folder is not UTF-8 text")
